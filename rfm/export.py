@@ -1,0 +1,257 @@
+"""Exports that drop into weakly-supervised segmentation training.
+
+Formats (REFERENCE §2.4, §2.5, §7.5):
+
+- VOC palette PNG: indexed 'P' image, pixel value = class index (0 background,
+  vocabulary index + 1 for classes, 255 ignore).
+- CLIP-ES ``.npy``: a pickled dict ``{"keys": (K,) int, "attn_highres": (K, H, W) float16}``.
+- COCO JSON: one iscrowd=1 annotation per present class with compressed RLE.
+
+Every file goes through :func:`atomic_write`: written to a temporary name in the
+target folder, fsynced, then moved into place, and never overwriting unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "atomic_write",
+    "coco_document",
+    "coco_rle_encode",
+    "label_to_coco",
+    "save_cams_npy",
+    "save_coco_json",
+    "save_label_png",
+    "voc_palette",
+]
+
+IGNORE_INDEX = 255
+
+
+def voc_palette() -> np.ndarray:
+    """The 256-entry PASCAL VOC colormap, (256, 3) uint8.
+
+    Bit-interleaved: bit b of the index goes to bit 7 - b//3 of channel b % 3,
+    so 1 = (128, 0, 0), 2 = (0, 128, 0), 15 (person) = (192, 128, 128) and
+    255 (ignore) = (224, 224, 192).
+    """
+    index = np.arange(256)
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for shift in range(8):
+        for channel in range(3):
+            bit = (index >> (3 * shift + channel)) & 1
+            palette[:, channel] |= (bit << (7 - shift)).astype(np.uint8)
+    return palette
+
+
+def atomic_write(
+    path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any], overwrite: bool = False
+) -> Path:
+    """Write a file atomically: ``write_fn`` fills a binary file object, then it is moved into place.
+
+    The temporary file lives in the target folder so the final move is a same-filesystem
+    rename. Parent folders are created. Without ``overwrite`` an existing target raises
+    :class:`FileExistsError` and is left untouched; the final step is a hard link, which
+    fails atomically even if another writer created the target meanwhile. On any error
+    the temporary file is removed. Returns the target path.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(_exists_message(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(_exists_message(path)) from None
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
+def _exists_message(path: Path) -> str:
+    return f"{path} exists; pass overwrite=True to replace it"
+
+
+def save_label_png(label: np.ndarray, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save an (H, W) class-index map as an indexed VOC-palette PNG; pixel values are kept as is."""
+    label = _as_label(label)
+    image = Image.fromarray(label)
+    image.putpalette(voc_palette().tobytes())  # turns the 'L' image into 'P' without remapping
+    return atomic_write(path, lambda f: image.save(f, format="PNG"), overwrite)
+
+
+def _as_label(label: np.ndarray) -> np.ndarray:
+    """Validate an (H, W) integer label map with values in 0..255 and return it as uint8."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label must be 2-D (H, W), got shape {label.shape}")
+    if label.dtype == np.uint8:
+        return label
+    if not np.issubdtype(label.dtype, np.integer) and label.dtype != bool:
+        raise TypeError(f"label must hold integers, got dtype {label.dtype}")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"label values must lie in 0..255, got {label.min()}..{label.max()}")
+    return label.astype(np.uint8)
+
+
+def save_cams_npy(
+    path: str | os.PathLike,
+    keys: Sequence[int] | np.ndarray,
+    cams: np.ndarray,
+    overwrite: bool = False,
+    **extra: np.ndarray,
+) -> Path:
+    """Save CAMs as CLIP-ES does: ``{"keys": (K,) int64, "attn_highres": (K, H, W) float16, **extra}``.
+
+    ``keys`` are 0-based class ids. Floating ``extra`` arrays (e.g. ``highres`` = the initial
+    CAM) are stored as float16 like CLIP-ES's own commented-out ``highres`` entry. Read back
+    with ``np.load(path, allow_pickle=True).item()``. The file is written at ``path`` exactly
+    (no ``.npy`` suffix is added).
+    """
+    keys = np.asarray(keys)
+    cams = np.asarray(cams)
+    if keys.ndim != 1 or not (keys.size == 0 or np.issubdtype(keys.dtype, np.integer)):
+        raise ValueError(f"keys must be a 1-D array of integer class ids, got {keys.dtype} {keys.shape}")
+    if cams.ndim != 3 or cams.shape[0] != keys.size:
+        raise ValueError(f"cams must be (K, H, W) with K = len(keys) = {keys.size}, got {cams.shape}")
+    if "attn_highres" in extra:
+        raise ValueError("'attn_highres' is written from cams; pass it as cams, not as an extra")
+    record = {"keys": keys.astype(np.int64), "attn_highres": cams.astype(np.float16)}
+    for name, value in extra.items():
+        value = np.asarray(value)
+        record[name] = value.astype(np.float16) if np.issubdtype(value.dtype, np.floating) else value
+    return atomic_write(path, lambda f: np.save(f, record, allow_pickle=True), overwrite)
+
+
+def coco_rle_encode(mask: np.ndarray) -> dict:
+    """COCO compressed RLE of an (H, W) binary mask: ``{"size": [H, W], "counts": str}``.
+
+    Same result as ``pycocotools.mask.encode(np.asfortranarray(mask))`` with ``counts``
+    decoded to str: alternating run lengths in column-major order, starting with a
+    (possibly empty) run of zeros.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    height, width = mask.shape
+    return {"size": [height, width], "counts": _rle_string(_run_lengths(mask.astype(bool)))}
+
+
+def _run_lengths(mask: np.ndarray) -> list[int]:
+    """Column-major run lengths of a bool (H, W) mask, the first run counting zeros."""
+    flat = mask.ravel(order="F")
+    if flat.size == 0:
+        return [0]  # pycocotools writes one empty zero-run for a 0-pixel mask
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate(([0], change, [flat.size]))
+    runs = np.diff(bounds).tolist()
+    return [0, *runs] if flat[0] else runs
+
+
+def _rle_string(counts: list[int]) -> str:
+    """pycocotools' ``rleToString``: each count (minus the count two before it, from the
+    fourth on) as little-endian signed 5-bit groups, 0x20 = more groups follow, plus 48."""
+    chars = []
+    for i, count in enumerate(counts):
+        value = count - counts[i - 2] if i > 2 else count
+        more = True
+        while more:
+            group = value & 0x1F
+            value >>= 5  # arithmetic shift: negative deltas end at -1, not 0
+            more = value != -1 if group & 0x10 else value != 0
+            chars.append(chr(group + (0x20 if more else 0) + 48))
+    return "".join(chars)
+
+
+def label_to_coco(
+    label: np.ndarray,
+    class_indices: Sequence[int],
+    category_ids: Sequence[int] | None = None,
+    image_id: int = 0,
+) -> list[dict]:
+    """COCO annotations for one label map: one iscrowd=1 RLE annotation per present class.
+
+    ``class_indices`` are 0-based vocabulary indices; class c is the pixels equal to c + 1
+    (background 0 and ignore 255 never become annotations). ``category_ids`` gives the
+    COCO category id for each entry of ``class_indices`` (default: index + 1, the label
+    value). Annotations carry no ``id``; :func:`coco_document` numbers them.
+    """
+    label = _as_label(label)
+    class_indices = [int(c) for c in class_indices]
+    if category_ids is None:
+        category_ids = [c + 1 for c in class_indices]
+    if len(category_ids) != len(class_indices):
+        raise ValueError(
+            f"category_ids has {len(category_ids)} entries for {len(class_indices)} class_indices"
+        )
+    annotations = []
+    for index, category_id in zip(class_indices, category_ids):
+        if not 0 <= index + 1 < IGNORE_INDEX:
+            raise ValueError(f"class index {index} does not fit a uint8 label (0..253)")
+        mask = label == index + 1
+        if mask.any():
+            annotations.append(_annotation(mask, int(category_id), image_id))
+    return annotations
+
+
+def _annotation(mask: np.ndarray, category_id: int, image_id: int) -> dict:
+    """One iscrowd=1 annotation for a non-empty (H, W) bool mask; bbox as pycocotools' toBbox."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    x, y = int(cols[0]), int(rows[0])
+    return {
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": coco_rle_encode(mask),
+        "area": int(mask.sum()),
+        "bbox": [float(x), float(y), float(cols[-1] - x + 1), float(rows[-1] - y + 1)],
+        "iscrowd": 1,
+    }
+
+
+def coco_document(images: list[dict], annotations: list[dict], categories: list[dict]) -> dict:
+    """Assemble a COCO file: ``{"images", "annotations", "categories"}``.
+
+    Annotations are copied and given ids 1..n in order, so annotations from
+    :func:`label_to_coco` calls on different images get unique ids. Every annotation's
+    ``image_id`` and ``category_id`` must refer to an entry of ``images`` / ``categories``.
+    """
+    image_ids = {image["id"] for image in images}
+    category_ids = {category["id"] for category in categories}
+    numbered = []
+    for number, annotation in enumerate(annotations, start=1):
+        if annotation["image_id"] not in image_ids:
+            raise ValueError(f"annotation {number} refers to unknown image_id {annotation['image_id']}")
+        if annotation["category_id"] not in category_ids:
+            raise ValueError(
+                f"annotation {number} refers to unknown category_id {annotation['category_id']}"
+            )
+        numbered.append({**annotation, "id": number})
+    return {"images": list(images), "annotations": numbered, "categories": list(categories)}
+
+
+def save_coco_json(document: dict, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a COCO document (see :func:`coco_document`) as UTF-8 JSON."""
+    data = json.dumps(document).encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data), overwrite)
