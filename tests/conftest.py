@@ -1,0 +1,34 @@
+"""Shared fixtures: small random CLIPs built locally (no weights can be downloaded here) and voc-mini."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rfm.backbone import random_clip
+
+VOC_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc-mini"
+# A CLIP small enough for fast tests but with every structural feature of ViT-B/16:
+# 16-pixel patches, several heads, pretrained 14×14 grid to interpolate from.
+SMALL_CLIP = dict(width=128, layers=4, patch_size=16, image_size=224, embed_dim=64, text_width=64, text_layers=1)
+
+
+@pytest.fixture(scope="session")
+def small_clip():
+    torch.manual_seed(0)
+    return random_clip(device="cpu", seed=0, **SMALL_CLIP)
+
+
+@pytest.fixture(scope="session")
+def voc_mini():
+    if not VOC_MINI.is_dir():
+        pytest.skip(f"voc-mini not found at {VOC_MINI} (it lives in ../shared/data beside the checkout)")
+    return VOC_MINI
+
+
+def voc_image(root: Path, stem: str):
+    """(image path, ground-truth mask) of a voc-mini sample; extensions are not assumed."""
+    path = next(p for p in (root / "JPEGImages").iterdir() if p.stem == stem)
+    from PIL import Image
+
+    return path, np.asarray(Image.open(root / "SegmentationClass" / f"{stem}.png"))
