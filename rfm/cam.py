@@ -1,0 +1,151 @@
+"""CLIP-ES initial CAM: softmax-GradCAM on the last block's ``ln_1`` output, all classes at once.
+
+CLIP-ES runs one forward/backward of the last block per class. The forward does not depend on the
+class, and GradCAM only needs the gradient averaged over the patch tokens, so this module runs the
+block forward once and back-propagates all K class targets together through a hand-derived backward
+in which the attention part reduces to per-token sums (see ``_patch_mean_input_grad``). The test
+suite checks the result against the per-class autograd procedure of CLIP-ES.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import FrozenClip
+from .refine import minmax_normalize
+
+
+@dataclass
+class LastBlock:
+    """Forward intermediates of the last block for one image (L = 1 + hw tokens)."""
+
+    z: torch.Tensor  # (L, D) ln_1 output: the GradCAM target layer
+    q: torch.Tensor  # (H, L, d) unscaled queries
+    k: torch.Tensor  # (H, L, d)
+    v: torch.Tensor  # (H, L, d)
+    probs_attn: torch.Tensor  # (H, L, L) post-softmax attention per head
+    o: torch.Tensor  # (H, L, d) attention output per head, before out_proj
+    y: torch.Tensor  # (L, D) after the attention residual
+    u1: torch.Tensor  # (L, 4D) MLP pre-activation
+    y2: torch.Tensor  # (L, D) block output
+    feature: torch.Tensor  # (E,) pooled image feature, before L2 normalisation
+
+
+@dataclass
+class InitialCam:
+    cams: torch.Tensor  # (K, h, w) in [0, 1]
+    attn_last: torch.Tensor  # (hw, hw) head-averaged attention of the last block, CLS dropped
+    probs: torch.Tensor  # (K + B,) softmax over [present classes; background words]
+
+
+def forward_last_block(clip: FrozenClip, x: torch.Tensor) -> LastBlock:
+    """x (L, D): output of block N − 1 → the last block's intermediates and the CLIP-ES pooled feature."""
+    visual = clip.model.visual
+    block = visual.transformer.resblocks[-1]
+    if not isinstance(block.ls_1, torch.nn.Identity) or not isinstance(block.ls_2, torch.nn.Identity):
+        raise NotImplementedError("CLIPs with LayerScale are not supported (OpenAI CLIPs have none)")
+    attn = block.attn
+    heads, width = attn.num_heads, x.shape[-1]
+    d = width // heads
+    z = block.ln_1(x)
+    q, k, v = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)
+    q, k, v = (t.reshape(-1, heads, d).transpose(0, 1) for t in (q, k, v))  # (H, L, d)
+    probs_attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)
+    o = probs_attn @ v
+    y = x + attn.out_proj(o.transpose(0, 1).reshape(-1, width))
+    u1 = block.mlp.c_fc(block.ln_2(y))
+    y2 = y + block.mlp.c_proj(block.mlp.gelu(u1))
+    feature = visual.ln_post(y2)[1:].mean(0)
+    if visual.proj is not None:
+        feature = feature @ visual.proj
+    return LastBlock(z, q, k, v, probs_attn, o, y, u1, y2, feature)
+
+
+def class_probabilities(feature: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """p = softmax(s · cos(f, t_j)) over the text rows [present classes; background words] (CLIP-ES's target)."""
+    return torch.softmax(logit_scale * F.normalize(feature, dim=-1) @ text.T, dim=-1)
+
+
+def _layer_norm_input_grad(ln: torch.nn.LayerNorm, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """Back-propagate grad_out (…, L, D) through LayerNorm at input x (L, D)."""
+    mu = x.mean(-1, keepdim=True)
+    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    x_hat = (x - mu) / sigma
+    g = grad_out * ln.weight if ln.weight is not None else grad_out
+    return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) / sigma
+
+
+def _activation_derivative(act: torch.nn.Module, u: torch.Tensor) -> torch.Tensor:
+    """Elementwise derivative of the MLP activation (QuickGELU for OpenAI CLIP, any elementwise one works)."""
+    return torch.func.jvp(act, (u,), (torch.ones_like(u),))[1]
+
+
+def _patch_mean_input_grad(clip: FrozenClip, fw: LastBlock, grad_feature: torch.Tensor) -> torch.Tensor:
+    """GradCAM channel weights: the gradient w.r.t. z, averaged over the patch tokens.
+
+    grad_feature (K, E): one cotangent per class at the pooled feature → (K, D).
+    Only Σ_{i≥1} ∂/∂z_i is needed, so with P the attention, dO the gradient at its output, r_i = dO_i·O_i:
+      Σ_{i≥1} dV_i = Σ_j (1 − P_j0) dO_j
+      Σ_{i≥1} dQ_i = Σ_j c_j K_j / √d,  c_j = V_j·(P[1:]ᵀ dO[1:])_j − (P[1:]ᵀ r[1:])_j
+      Σ_{i≥1} dK_i = −Σ_j dS_j0 Q_j / √d,  dS_j0 = P_j0 (dO_j·V_0 − r_j)   (rows of dS sum to 0)
+    """
+    visual = clip.model.visual
+    block = visual.transformer.resblocks[-1]
+    attn = block.attn
+    heads, width = attn.num_heads, fw.z.shape[-1]
+    d = width // heads
+    n = fw.z.shape[0] - 1
+    num = grad_feature.shape[0]
+
+    grad_mean_token = grad_feature @ visual.proj.T if visual.proj is not None else grad_feature  # (K, D)
+    grad_tokens = torch.zeros((num, n + 1, width), dtype=fw.z.dtype, device=fw.z.device)
+    grad_tokens[:, 1:] = (grad_mean_token / n)[:, None, :]
+    dy2 = _layer_norm_input_grad(visual.ln_post, fw.y2, grad_tokens)  # (K, L, D)
+    du1 = (dy2 @ block.mlp.c_proj.weight) * _activation_derivative(block.mlp.gelu, fw.u1)
+    dy = dy2 + _layer_norm_input_grad(block.ln_2, fw.y, du1 @ block.mlp.c_fc.weight)
+    d_o = (dy @ attn.out_proj.weight).reshape(num, -1, heads, d).transpose(1, 2)  # (K, H, L, d)
+
+    p = fw.probs_attn  # (H, L, L)
+    r = (d_o * fw.o).sum(-1)  # (K, H, L)
+    sum_dv = torch.einsum("hj,khjd->khd", 1 - p[:, :, 0], d_o)
+    pt_do = torch.einsum("hij,khid->khjd", p[:, 1:], d_o[:, :, 1:])
+    col = (fw.v * pt_do).sum(-1) - torch.einsum("hij,khi->khj", p[:, 1:], r[:, :, 1:])
+    sum_dq = torch.einsum("khj,hjd->khd", col, fw.k) / math.sqrt(d)
+    ds0 = p[:, :, 0] * ((d_o * fw.v[:, :1]).sum(-1) - r)
+    sum_dk = -torch.einsum("khj,hjd->khd", ds0, fw.q) / math.sqrt(d)
+
+    w_q, w_k, w_v = attn.in_proj_weight.split(width, dim=0)
+    flat = lambda t: t.reshape(num, width)  # noqa: E731 — heads back to channels, matching the split
+    return (flat(sum_dq) @ w_q + flat(sum_dk) @ w_k + flat(sum_dv) @ w_v) / n
+
+
+def gradcam_maps(z: torch.Tensor, weights: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """CAM_c = minmax(ReLU(Σ_d w_c[d] · z_d)) over the patch tokens; z (L, D), weights (K, D) → (K, h, w).
+
+    pytorch-grad-cam, which CLIP-ES uses, applies ReLU + min-max per map and then again when it
+    aggregates target layers; with one layer the second pass is kept for exactness.
+    """
+    cam = torch.relu(weights @ z[1:].T).reshape(-1, *grid)
+    return minmax_normalize(torch.relu(minmax_normalize(cam)))
+
+
+@torch.no_grad()
+def initial_cam(clip: FrozenClip, x: torch.Tensor, grid: tuple[int, int], fg_text: torch.Tensor,
+                bg_text: torch.Tensor) -> InitialCam:
+    """x (L, D): block N − 1 output; fg_text (K, E) present classes in label order; bg_text (B, E)."""
+    fw = forward_last_block(clip, x)
+    text = torch.cat([fg_text, bg_text]).to(fw.feature.dtype)
+    scale = float(clip.model.logit_scale.exp())
+    p = class_probabilities(fw.feature, text, scale)
+    num = fg_text.shape[0]
+    # ∂p_c/∂logits = p_c (e_c − p); logits = s·f̂·tᵀ; f̂ = f/|f|
+    d_logits = p[:num, None] * (torch.eye(num, p.shape[0], dtype=p.dtype, device=p.device) - p[None])
+    f_norm = fw.feature.norm()
+    f_hat = fw.feature / f_norm
+    d_fhat = scale * d_logits @ text
+    d_feature = (d_fhat - (d_fhat @ f_hat)[:, None] * f_hat) / f_norm
+    weights = _patch_mean_input_grad(clip, fw, d_feature)
+    return InitialCam(cams=gradcam_maps(fw.z, weights, grid), attn_last=fw.probs_attn.mean(0)[1:, 1:], probs=p)
