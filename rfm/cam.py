@@ -78,6 +78,28 @@ def _layer_norm_input_grad(ln: torch.nn.LayerNorm, x: torch.Tensor, grad_out: to
     return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) / sigma
 
 
+def _grad_through_ln_post(ln: torch.nn.LayerNorm, x: torch.Tensor, grad_token: torch.Tensor,
+                          w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients at the block output (dy2) and at the MLP hidden layer (dy2 · W_proj) when every patch
+    token receives the same cotangent through ln_post (mean pooling), the CLS token none.
+
+    x (L, D): block output; grad_token (K, D); w_proj (D, 4D): c_proj.weight → ((K, L, D), (K, L, 4D)).
+    With g = γ ⊙ grad_token and x̂ the normalised tokens, dy2_i = (g − mean g − x̂_i (g·x̂_i)/D) / σ_i, so
+    dy2_i · W = ((g − mean g)·W − (x̂_i·W)(g·x̂_i)/D) / σ_i: one class-independent matmul x̂·W instead of K.
+    """
+    d = x.shape[-1]
+    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)  # (L, 1)
+    x_hat = (x - x.mean(-1, keepdim=True)) / sigma
+    g = grad_token * ln.weight if ln.weight is not None else grad_token  # (K, D)
+    g_centred = g - g.mean(-1, keepdim=True)
+    s = (g @ x_hat.T / d)[:, :, None]  # (K, L, 1)
+    patch = torch.ones_like(sigma)
+    patch[0] = 0  # the CLS token is not pooled
+    dy2 = (g_centred[:, None, :] - s * x_hat) * (patch / sigma)
+    d_hidden = ((g_centred @ w_proj)[:, None, :] - s * (x_hat @ w_proj)) * (patch / sigma)
+    return dy2, d_hidden
+
+
 def _activation_derivative(act: torch.nn.Module, u: torch.Tensor) -> torch.Tensor:
     """Elementwise derivative of the MLP activation (QuickGELU for OpenAI CLIP, any elementwise one works)."""
     return torch.func.jvp(act, (u,), (torch.ones_like(u),))[1]
@@ -101,10 +123,8 @@ def _patch_mean_input_grad(clip: FrozenClip, fw: LastBlock, grad_feature: torch.
     num = grad_feature.shape[0]
 
     grad_mean_token = grad_feature @ visual.proj.T if visual.proj is not None else grad_feature  # (K, D)
-    grad_tokens = torch.zeros((num, n + 1, width), dtype=fw.z.dtype, device=fw.z.device)
-    grad_tokens[:, 1:] = (grad_mean_token / n)[:, None, :]
-    dy2 = _layer_norm_input_grad(visual.ln_post, fw.y2, grad_tokens)  # (K, L, D)
-    du1 = (dy2 @ block.mlp.c_proj.weight) * _activation_derivative(block.mlp.gelu, fw.u1)
+    dy2, d_mlp_out = _grad_through_ln_post(visual.ln_post, fw.y2, grad_mean_token / n, block.mlp.c_proj.weight)
+    du1 = d_mlp_out * _activation_derivative(block.mlp.gelu, fw.u1)
     dy = dy2 + _layer_norm_input_grad(block.ln_2, fw.y, du1 @ block.mlp.c_fc.weight)
     d_o = (dy @ attn.out_proj.weight).reshape(num, -1, heads, d).transpose(1, 2)  # (K, H, L, d)
 
