@@ -9,7 +9,8 @@
 from . import par
 from .backbone import load_clip
 from .decoder import load_decoder
+from .demo import demo_models
 from .predictor import Predictor, RefineParams, Result
 
-__all__ = ["load_clip", "load_decoder", "Predictor", "RefineParams", "Result", "par"]
+__all__ = ["load_clip", "load_decoder", "demo_models", "Predictor", "RefineParams", "Result", "par"]
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ __all__ = [
     "save_cams_npy",
     "save_coco_json",
     "save_label_png",
+    "save_to_voc_dataset",
     "voc_palette",
 ]
 
@@ -255,3 +256,31 @@ def save_coco_json(document: dict, path: str | os.PathLike, overwrite: bool = Fa
     """Write a COCO document (see :func:`coco_document`) as UTF-8 JSON."""
     data = json.dumps(document).encode("utf-8")
     return atomic_write(path, lambda f: f.write(data), overwrite)
+
+
+def save_to_voc_dataset(root: str | os.PathLike, stem: str, image: np.ndarray, label: np.ndarray,
+                        overwrite: bool = False) -> int:
+    """Add an image and its pseudo label to a VOC-layout folder; returns how many labelled images it holds.
+
+    Writes ``root/JPEGImages/<stem>.png`` (lossless: the pixels the label was made from) and
+    ``root/SegmentationClass/<stem>.png`` (VOC palette). Both targets are checked before either is
+    written, so an existing pair is left whole unless ``overwrite``.
+    """
+    if not stem or Path(stem).name != stem or stem in (".", ".."):
+        raise ValueError(f"{stem!r} is not a plain file name")
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if np.asarray(label).shape != image.shape[:2]:
+        raise ValueError(f"label {np.asarray(label).shape} does not match the image's size {image.shape[:2]}")
+    root = Path(root)
+    image_path = root / "JPEGImages" / f"{stem}.png"
+    label_path = root / "SegmentationClass" / f"{stem}.png"
+    if not overwrite:
+        for path in (image_path, label_path):
+            if path.exists():
+                raise FileExistsError(_exists_message(path))
+    save_label_png(label, label_path, overwrite=overwrite)
+    atomic_write(image_path, lambda f: Image.fromarray(image).save(f, format="PNG"), overwrite)
+    images = {p.stem for p in (root / "JPEGImages").iterdir() if p.is_file() and not p.name.startswith(".")}
+    return sum(1 for p in (root / "SegmentationClass").glob("*.png") if p.stem in images)

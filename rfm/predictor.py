@@ -135,6 +135,15 @@ class Result:
         return label
 
 
+@dataclass
+class AttentionRows:
+    """What one patch attends to: a row of every block's attention and of the decoder affinity."""
+
+    patch: tuple[int, int]  # (r, c) on the patch grid
+    layers: np.ndarray  # (N, h, w): A_s^l[i, :] for the patch i, l = 1..N
+    decoder: np.ndarray | None  # (h, w): A_f[i, :], None without a decoder
+
+
 class Predictor:
     """Run CLIP-ES → static refinement → RFM → PAR on one image at a time.
 
@@ -202,6 +211,20 @@ class Predictor:
         indices = self._resolve_labels(labels)
         with self._lock:
             self._set_labels(indices)
+
+    def attention_rows(self, x: float, y: float) -> AttentionRows:
+        """Attention rows of the patch under image pixel (x, y), for every block and for A_f."""
+        st = self._image
+        if st is None or "attn_all" not in st:
+            raise RuntimeError("call set_image first")
+        (height, width), (h, w) = st["size"], st["grid"]
+        if not (0 <= x < width and 0 <= y < height):
+            raise ValueError(f"pixel ({x}, {y}) is outside the {width}×{height} image")
+        r, c = min(int(y * h / height), h - 1), min(int(x * w / width), w - 1)
+        i = r * w + c
+        aff_f = st["aff_f"]
+        return AttentionRows(patch=(r, c), layers=_np(st["attn_all"][:, i]).reshape(-1, h, w),
+                             decoder=None if aff_f is None else _np(aff_f[i]).reshape(h, w))
 
     def _resolve_labels(self, labels) -> list[int]:
         if isinstance(labels, (str, int)):

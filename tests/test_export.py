@@ -192,3 +192,30 @@ def test_coco_document_numbers_annotations_and_saves(tmp_path):
         coco_document(images, annotations, categories[:1])
     with pytest.raises(ValueError, match="unknown image_id"):
         coco_document(images[:1], annotations, categories)
+
+
+def test_save_to_voc_dataset(tmp_path):
+    from rfm.export import save_to_voc_dataset
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (12, 17, 3), dtype=np.uint8)
+    label = rng.integers(0, 3, (12, 17), dtype=np.uint8)
+    assert save_to_voc_dataset(tmp_path, "a", image, label) == 1
+    assert save_to_voc_dataset(tmp_path, "b", image, label) == 2
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "JPEGImages" / "a.png")), image)
+    saved = Image.open(tmp_path / "SegmentationClass" / "a.png")
+    assert saved.mode == "P"
+    np.testing.assert_array_equal(np.asarray(saved), label)
+
+    before = (tmp_path / "JPEGImages" / "a.png").read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_to_voc_dataset(tmp_path, "a", image[::-1].copy(), label)
+    assert (tmp_path / "JPEGImages" / "a.png").read_bytes() == before
+    assert save_to_voc_dataset(tmp_path, "a", image[::-1].copy(), label, overwrite=True) == 2
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "JPEGImages" / "a.png")), image[::-1])
+
+    with pytest.raises(ValueError, match="plain file name"):
+        save_to_voc_dataset(tmp_path, "../escape", image, label)
+    with pytest.raises(ValueError, match="does not match"):
+        save_to_voc_dataset(tmp_path, "c", image, label[:5])
+    assert not list(tmp_path.glob("**/.*.tmp"))

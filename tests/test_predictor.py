@@ -296,3 +296,27 @@ def test_huge_image_is_processed_at_max_side(small_clip):
     result = p.refine(rfm.RefineParams(par_iterations=2, **SMALL))
     assert result.probs.shape == (2, 128, 128)
     assert result.label.shape == (10000, 10000)
+
+
+def test_attention_rows_are_the_rows_of_the_patch_under_the_pixel(predictor, photo):
+    h, w = photo[0].shape[:2]
+    st = predictor._image
+    gh, gw = st["grid"]
+    rows = predictor.attention_rows(x=w - 1, y=0)  # top-right pixel → patch (0, gw − 1)
+    assert rows.patch == (0, gw - 1)
+    i = gw - 1
+    np.testing.assert_allclose(rows.layers, st["attn_all"][:, i].reshape(-1, gh, gw).numpy())
+    np.testing.assert_allclose(rows.decoder, st["aff_f"][i].reshape(gh, gw).numpy())
+    centre = predictor.attention_rows(x=w / 2, y=h / 2)
+    assert centre.patch == (int(gh / 2), int(gw / 2))
+    with pytest.raises(ValueError, match="outside"):
+        predictor.attention_rows(x=w, y=0)
+
+
+def test_demo_models_fit_the_paper_defaults(photo):
+    clip, decoder = rfm.demo_models(device="cpu")
+    p = rfm.Predictor(clip, decoder=decoder, device="cpu")
+    p.set_image(photo[0], labels=["cat", "dog"])
+    result = p.refine()  # the defaults N0 = 7, last 8 layers need 12 blocks
+    assert p.num_blocks == 12 and result.cam_rfm is not None
+    assert np.isnan(result.layer_scores[:6]).all() and np.isfinite(result.layer_scores[6:]).all()
