@@ -11,6 +11,7 @@ app: $(STAMP)
 	$(PY) app.py $(ARGS)
 
 test: $(STAMP)
+	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
