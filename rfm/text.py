@@ -63,6 +63,7 @@ class Vocabulary:
     prompt_names: tuple[str, ...]
     background: tuple[str, ...]
     template: str = TEMPLATE
+    aliases: tuple[tuple[str, str], ...] = ()  # (other spelling, class name)
 
     def __post_init__(self):
         if not self.class_names:
@@ -84,6 +85,7 @@ class Vocabulary:
                 raise ValueError(f"class index {label} is outside 0..{len(self.class_names) - 1} of {self.name}")
             return int(label)
         key = str(label).strip().lower()
+        key = next((name.lower() for alias, name in self.aliases if alias == key), key)
         for names in (self.class_names, self.prompt_names):
             for i, n in enumerate(names):
                 if n.lower() == key:
@@ -95,7 +97,10 @@ class Vocabulary:
 
 
 VOC = Vocabulary("voc", VOC_CLASSES, VOC_PROMPTS, VOC_BACKGROUND)
-COCO = Vocabulary("coco", COCO_CLASSES, COCO_PROMPTS, COCO_BACKGROUND)
+# CLIP-ES spells COCO's classes the VOC way where the two datasets share them
+COCO = Vocabulary("coco", COCO_CLASSES, COCO_PROMPTS, COCO_BACKGROUND, aliases=(
+    ("aeroplane", "airplane"), ("motorbike", "motorcycle"), ("sofa", "couch"), ("pottedplant", "potted plant"),
+    ("diningtable", "dining table"), ("tvmonitor", "tv")))
 
 
 def get_vocabulary(spec: str | Vocabulary | Sequence[str] = "voc",
@@ -119,7 +124,7 @@ def get_vocabulary(spec: str | Vocabulary | Sequence[str] = "voc",
         vocab = Vocabulary("custom", tuple(words), tuple(words), bg)
     if background is not None:
         bg = tuple(w.strip() for w in background if w.strip())
-        vocab = Vocabulary(vocab.name, vocab.class_names, vocab.prompt_names, bg, vocab.template)
+        vocab = Vocabulary(vocab.name, vocab.class_names, vocab.prompt_names, bg, vocab.template, vocab.aliases)
     return vocab
 
 

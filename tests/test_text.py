@@ -17,6 +17,8 @@ def test_voc_and_coco_follow_clip_es():
 def test_class_lookup_by_name_prompt_and_index():
     assert VOC.index("cat") == 7 == VOC.index("CAT") == VOC.index(7) == VOC.index("bird avian") + 5
     assert COCO.index("motorbike") == COCO.index("motorcycle") == 3
+    assert COCO.index("tvmonitor") == COCO.index("tv") == COCO.index("tvmonitor screen")
+    assert COCO.index("pottedplant") == COCO.index("potted plant") and COCO.index("sofa") == COCO.index("couch")
     with pytest.raises(ValueError, match="unknown class 'unicorn'"):
         VOC.index("unicorn")
     with pytest.raises(ValueError, match="outside 0..19"):
