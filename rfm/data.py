@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import pickle
+
 import numpy as np
+from numpy.lib import format as npy_format
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # PIL's own bomb limit (2 × 89 MP) stays; this names it in our error message.
@@ -73,3 +77,250 @@ def to_rgb_array(image) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ImageError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
     return np.ascontiguousarray(arr[..., :3])
+
+
+# ---------------------------------------------------------------- datasets
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset and its image-level labels."""
+
+    stem: str
+    image: Path
+    labels: tuple[int, ...]  # 0-based vocabulary indices, in the dataset's order
+    gt: Path | None = None  # ground-truth mask, when the dataset has one
+    image_id: int | None = None  # the COCO image id, for COCO datasets
+
+
+def image_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """{stem: path} of the images in a folder, whatever their extension."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+            if p.stem in files:
+                raise ValueError(f"two images share the name {p.stem!r} in {folder}: {files[p.stem].name}, {p.name}")
+            files[p.stem] = p
+    return files
+
+
+def read_split(path: str | os.PathLike) -> list[str]:
+    """Stems listed in a split file: one per line, either a bare stem or a path (first column)."""
+    stems = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            stems.append(Path(line.split()[0]).stem)
+    return stems
+
+
+def mask_labels(path: str | os.PathLike) -> tuple[int, ...]:
+    """Image-level labels of a VOC mask: the class values present, background 0 and ignore 255 excluded, −1."""
+    values = np.unique(np.asarray(Image.open(path)))
+    return tuple(int(v) - 1 for v in values if 0 < v < 255)
+
+
+def xml_labels(path: str | os.PathLike, vocab) -> tuple[int, ...]:
+    """Image-level labels from a VOC annotation XML, in first-seen order.
+
+    Only each <object>'s own <name> counts: person-layout <part> elements (head, hand, foot) have
+    names too.
+    """
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as err:
+        raise ValueError(f"{path}: cannot read annotation XML ({err})") from None
+    labels: list[int] = []
+    for obj in root.findall("object"):
+        index = vocab.index((obj.findtext("name") or "").strip())
+        if index not in labels:
+            labels.append(index)
+    return tuple(labels)
+
+
+def voc_samples(root: str | os.PathLike, split: str | os.PathLike | None = None, labels_from: str = "xml",
+                vocab=None) -> list[Sample]:
+    """Samples of a VOC devkit folder (JPEGImages/, Annotations/, SegmentationClass[Aug]/).
+
+    labels_from: "xml" (Annotations/<stem>.xml, as CLIP-ES does), "mask" (classes present in the
+    segmentation mask, as WeCLIP's model does), or "npy:FILE" (a cls_labels dict {stem: one-hot},
+    as AFA and WeCLIP ship). Without a split every image of JPEGImages/ is used.
+    """
+    from .text import VOC
+
+    vocab = vocab or VOC
+    root = Path(root)
+    images = image_files(root / "JPEGImages")
+    stems = read_split(split) if split else list(images)
+    gt_dirs = [d for d in (root / "SegmentationClassAug", root / "SegmentationClass") if d.is_dir()]
+    onehots = None
+    if labels_from.startswith("npy:"):
+        onehots = load_npy_dict(labels_from[4:])
+    elif labels_from not in ("xml", "mask"):
+        raise ValueError(f"labels_from must be 'xml', 'mask' or 'npy:FILE', got {labels_from!r}")
+    if labels_from == "xml" and not (root / "Annotations").is_dir():
+        raise FileNotFoundError(f"{root} has no Annotations/ folder; choose --labels-from mask or npy:FILE")
+    samples = []
+    for stem in stems:
+        if stem not in images:
+            raise FileNotFoundError(f"{stem} is listed in the split but not in {root / 'JPEGImages'}")
+        gt = next((d / f"{stem}.png" for d in gt_dirs if (d / f"{stem}.png").is_file()), None)
+        if labels_from == "mask":
+            if gt is None:
+                raise FileNotFoundError(f"no segmentation mask for {stem} in {root} (needed by --labels-from mask)")
+            labels = mask_labels(gt)
+        elif labels_from == "xml":
+            labels = xml_labels(root / "Annotations" / f"{stem}.xml", vocab)
+        else:
+            if stem not in onehots:
+                raise KeyError(f"{stem} has no entry in {labels_from[4:]}")
+            labels = tuple(int(i) for i in np.flatnonzero(np.asarray(onehots[stem]) > 0))
+        samples.append(Sample(stem, images[stem], labels, gt))
+    return samples
+
+
+def folder_samples(images_dir: str | os.PathLike, labels_file: str | os.PathLike, vocab) -> list[Sample]:
+    """Samples of a plain image folder with labels from a CSV (`image,labels`, labels separated by
+    ';', '|' or spaces) or JSON file ({"img.jpg": ["cat", "dog"]} or [{"image": …, "labels": […]}])."""
+    import csv
+    import json
+
+    images = image_files(images_dir)
+    labels_file = Path(labels_file)
+    if labels_file.suffix.lower() == ".json":
+        data = json.loads(labels_file.read_text())
+        rows = data.items() if isinstance(data, dict) else [(d["image"], d["labels"]) for d in data]
+    else:
+        with labels_file.open(newline="") as f:
+            reader = csv.reader(f)
+            rows = [(r[0], r[1] if len(r) > 1 else "") for r in reader if r and r[0].strip()]
+        if rows and rows[0][0].strip().lower() in ("image", "file", "filename"):
+            rows = rows[1:]
+    samples = []
+    for name, labels in rows:
+        stem = Path(str(name).strip()).stem
+        if stem not in images:
+            raise FileNotFoundError(f"{name} (from {labels_file.name}) is not in {images_dir}")
+        if isinstance(labels, str):
+            labels = [t for t in labels.replace(";", " ").replace("|", " ").split() if t]
+        indices = []
+        for label in labels:
+            i = vocab.index(int(label) if str(label).isdigit() else str(label).replace("_", " "))
+            if i not in indices:
+                indices.append(i)
+        samples.append(Sample(stem, images[stem], tuple(indices)))
+    return samples
+
+
+def coco_samples(annotations: str | os.PathLike, images_dir: str | os.PathLike) -> list[Sample]:
+    """Samples of a COCO instances JSON: labels are the categories annotated on each image."""
+    import json
+
+    from .text import COCO_CATEGORY_IDS
+
+    doc = json.loads(Path(annotations).read_text())
+    index_of = {cid: i for i, cid in enumerate(COCO_CATEGORY_IDS)}
+    per_image: dict[int, list[int]] = {img["id"]: [] for img in doc.get("images", [])}
+    for ann in doc.get("annotations", []):
+        i = index_of.get(ann["category_id"])
+        if i is None:
+            raise ValueError(f"category_id {ann['category_id']} is not one of COCO's 80 categories")
+        labels = per_image.setdefault(ann["image_id"], [])
+        if i not in labels:
+            labels.append(i)
+    images_dir = Path(images_dir)
+    samples = []
+    for img in doc.get("images", []):
+        path = images_dir / img["file_name"]
+        samples.append(Sample(Path(img["file_name"]).stem, path, tuple(sorted(per_image[img["id"]])),
+                              image_id=int(img["id"])))
+    return samples
+
+
+# ---------------------------------------------------------------- .npy dicts without pickle code
+
+try:  # NumPy >= 2
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # pragma: no cover - NumPy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
+# Everything np.save's pickle of a dict of numeric arrays refers to (found with
+# pickletools.genops on np.save(f, {"keys": int64, "attn_highres": float16, ...})): the 0-d
+# object array around the dict and every value are rebuilt by _reconstruct(ndarray, shape, dtype)
+# plus BUILD, dtypes by dtype(str, align, copy). NumPy 1.x writes the module as numpy.core.*,
+# NumPy 2 as numpy._core.*. Nothing from builtins is needed (dict and str have their own opcodes).
+# The objects are returned from this table; find_class never imports anything.
+_ALLOWED_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _Forbidden(pickle.UnpicklingError):
+    """A pickle asked for something a dict of arrays never needs."""
+
+
+class _ArrayDictUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals in :data:`_ALLOWED_GLOBALS`."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _Forbidden(f"global '{module}.{name}' is not allowed") from None
+
+    def persistent_load(self, pid):
+        raise _Forbidden("persistent ids are not allowed")
+
+
+def load_npy_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a ``.npy`` holding a dict of arrays (CLIP-ES CAMs, AFA/WeCLIP cls_labels) without ``allow_pickle=True``.
+
+    The header is parsed with :mod:`numpy.lib.format`; it must describe a 0-d object array
+    (what ``np.save(path, {...})`` writes). The payload is unpickled with a restricted
+    :class:`pickle.Unpickler` that can only build ndarrays and dtypes, so a hostile file cannot
+    run code. The result must be a dict of str → non-object ndarray.
+    Raises :class:`ValueError` for anything else (plain arrays, other objects, forbidden globals).
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            version = npy_format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = npy_format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = npy_format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+        except ValueError as err:
+            raise ValueError(f"{path}: not a valid .npy file ({err})") from None
+        if dtype != np.dtype(object) or shape != ():
+            raise ValueError(
+                f"{path}: holds a plain {dtype} array of shape {shape}, not a dict of arrays saved with np.save"
+            )
+        try:
+            obj = _ArrayDictUnpickler(f).load()
+        except _Forbidden as err:
+            raise ValueError(f"{path}: refused to load: {err}") from None
+        except Exception as err:  # truncated or malformed payloads raise all sorts of errors
+            raise ValueError(f"{path}: corrupt pickle payload ({type(err).__name__}: {err})") from None
+    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
+        obj = obj.item()
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a dict of arrays")
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{path}: dict key {key!r} is not a string")
+        if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+            kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+            raise ValueError(f"{path}: entry {key!r} is {kind}, expected a numeric array")
+    return obj
