@@ -61,6 +61,13 @@ class RefineParams:
                     raise ValueError(f"box {tuple(box)} for {name!r} has zero area: need x0 < x1 and y0 < y1")
 
 
+def official_params(vocabulary: str = "voc", **overrides) -> RefineParams:
+    """RefineParams with the official settings of a dataset: COCO uses λ = 0.7 (CLIP-ES) and the last
+    10 blocks (N0 = 3, WeCLIP); VOC and user vocabularies use the VOC settings (λ = 0.4, N0 = 7)."""
+    base = {"box_threshold": 0.7, "n0": 3} if vocabulary == "coco" else {}
+    return RefineParams(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+
 def _integer(name: str, value, minimum: int, why: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -125,7 +132,23 @@ class Result:
     @cached_property
     def label(self) -> np.ndarray:
         """(H, W) uint8 pseudo label: 0 background, vocabulary index + 1."""
-        label = pseudo_label(torch.from_numpy(self.probs), self.class_indices).numpy().astype(np.uint8)
+        return self.label_with_ignore(0.0)
+
+    def label_with_ignore(self, confidence: float, ignore_index: int = 255) -> np.ndarray:
+        """The pseudo label with ``ignore_index`` where the PAR output is not confident.
+
+        Confidence is the top score's share of the pixel's scores, max_c P_c / Σ_c P_c over
+        [bg; classes] after PAR (PAR's maps are not normalised: their rows sum to 1.01 per
+        iteration). CLIP-ES ignores pixels below 0.95 of its CRF probabilities; 0 ignores none.
+        """
+        if not 0.0 <= confidence <= 1.0:
+            raise ValueError(f"confidence must be in [0, 1], got {confidence}")
+        probs = torch.from_numpy(self.probs)
+        label = pseudo_label(probs, self.class_indices).numpy().astype(np.uint8)
+        if confidence > 0:
+            total = probs.sum(0)
+            share = probs.amax(0) / torch.where(total > 0, total, torch.ones_like(total))
+            label[(share < confidence).numpy()] = ignore_index
         h, w = self.image_size
         if label.shape != (h, w):
             label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)

@@ -320,3 +320,19 @@ def test_demo_models_fit_the_paper_defaults(photo):
     result = p.refine()  # the defaults N0 = 7, last 8 layers need 12 blocks
     assert p.num_blocks == 12 and result.cam_rfm is not None
     assert np.isnan(result.layer_scores[:6]).all() and np.isfinite(result.layer_scores[6:]).all()
+
+
+def test_label_with_ignore_marks_unconfident_pixels(predictor):
+    result = predictor.refine(rfm.RefineParams(par_iterations=3, **SMALL))
+    probs = result.probs.astype(np.float64)
+    share = probs.max(0) / probs.sum(0)
+    threshold = float(np.median(share))
+    label = result.label_with_ignore(threshold)
+    h, w = result.image_size
+    expected = np.array([0, 8, 12], np.uint8)[probs.argmax(0)]
+    expected[share < threshold] = 255
+    np.testing.assert_array_equal(label, cv2.resize(expected, (w, h), interpolation=cv2.INTER_NEAREST))
+    assert 0.3 < (label == 255).mean() < 0.7
+    np.testing.assert_array_equal(result.label_with_ignore(0.0), result.label)
+    with pytest.raises(ValueError, match="confidence"):
+        result.label_with_ignore(1.5)
