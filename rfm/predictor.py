@@ -215,17 +215,21 @@ class Predictor:
         with self._lock, torch.no_grad():
             x = to_tensor(resize_image(rgb, net), self.clip.mean, self.clip.std, self.device)
             blocks = forward_blocks(self.clip, x)
-            aff_f = None
-            if self.decoder is not None:
-                patch_tokens = torch.stack([t[:, 1:] for t in blocks.tokens])  # (N − 1, 1, hw, D)
-                from .decoder import feature_affinity
-
-                aff_f = feature_affinity(self.decoder.fused_features(patch_tokens, blocks.grid))[0].float()
+            patch_tokens = torch.stack([t[:, 1:] for t in blocks.tokens])  # (N − 1, 1, hw, D): decoder input
             self._image = {
                 "size": (h, w), "grid": blocks.grid, "work_image": resize_image(rgb, work),
-                "last_input": blocks.tokens[-1][0], "attn": blocks.attn, "aff_f": aff_f,
+                "last_input": blocks.tokens[-1][0], "attn": blocks.attn, "patch_tokens": patch_tokens,
+                "aff_f": self._decoder_affinity(patch_tokens, blocks.grid),
             }
             self._set_labels(indices)
+
+    def _decoder_affinity(self, patch_tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
+        """A_f (n, n) of the current decoder, or None without one."""
+        if self.decoder is None:
+            return None
+        from .decoder import feature_affinity
+
+        return feature_affinity(self.decoder.fused_features(patch_tokens, grid))[0].float()
 
     def set_labels(self, labels: Sequence[str | int]) -> None:
         """Change the image's classes without rerunning the backbone (only the last block runs again)."""
@@ -297,25 +301,22 @@ class Predictor:
         clip_mask = box_mask.clone()
         clip_mask[[k for k in range(len(indices)) if k not in user_boxes]] = True
 
-        cam_static = rf.propagate_cams(rf.transition_matrix(rf.static_affinity(attn, params.static_layers),
-                                                            params.alpha), cams, box_mask) * clip_mask
+        stages = refine_stages(cams, attn, aff_f, params, box_mask)
+        cam_static = stages.static * clip_mask
+        cam_rfm = None if stages.rfm is None else stages.rfm * clip_mask
+        scores, keep, fallback = stages.scores, stages.keep, stages.fallback
         notes: list[str] = []
-        scores = torch.full((n_blocks,), float("nan"))
-        keep = torch.zeros(n_blocks, dtype=torch.bool)
-        cam_rfm, fallback = None, False
-        if aff_f is not None:
-            scores = rf.layer_scores(aff_f, attn, params.n0, params.distance)
-            keep = rf.layer_gates(scores, params.distance)
-            r, fallback = rf.rfm_affinity(aff_f, attn, keep, params.n0)
-            if fallback:
-                notes.append(f"RFM kept no layer among {params.n0}..{n_blocks}; "
-                             f"R uses the plain mean of those layers instead")
-            cam_rfm = rf.propagate_cams(rf.transition_matrix(r, params.alpha), cams, box_mask) * clip_mask
-        else:
+        if aff_f is None:
             notes.append("no decoder loaded: RFM needs the decoder's feature affinity A_f")
+        elif fallback:
+            notes.append(f"RFM kept no layer among {params.n0}..{n_blocks}; R uses the plain mean of those layers instead")
 
-        final = cam_rfm if cam_rfm is not None else cam_static
-        probs = self._pseudo_label_probs(final, user_boxes, params, st)
+        work = st["work_image"]
+        wh, ww = work.shape[:2]
+        sy, sx = wh / height, ww / width
+        inside = {k: rf.boxes_to_pixel_mask([(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes],
+                                            (wh, ww)) for k, boxes in user_boxes.items()}
+        probs = par_probs(work, cam_rfm if cam_rfm is not None else cam_static, params, inside)
         finite = scores[torch.isfinite(scores)]
         scale = (width / grid[1], height / grid[0])
         return Result(
@@ -348,24 +349,57 @@ class Predictor:
                 out.setdefault(indices.index(i), []).extend(tuple(float(v) for v in b) for b in class_boxes)
         return out
 
-    def _pseudo_label_probs(self, cams: torch.Tensor, user_boxes: dict[int, list[Box]], params: RefineParams,
-                            st: dict) -> torch.Tensor:
-        """[bg; CAMs] at the work resolution, refined by PAR: (1 + K, h', w')."""
-        work = st["work_image"]
-        wh, ww = work.shape[:2]
-        maps = torch.from_numpy(np.stack([cv2.resize(m, (ww, wh), interpolation=cv2.INTER_LINEAR)
-                                          for m in _np(cams)])).to(self.device)
-        sy, sx = wh / st["size"][0], ww / st["size"][1]
-        inside = {k: rf.boxes_to_pixel_mask([(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes],
-                                            (wh, ww)).to(maps.device) for k, boxes in user_boxes.items()}
-        for k, mask in inside.items():
-            maps[k] *= mask
-        maps = maps.clamp(0, 1)
-        probs = par_refine(work, torch.cat([background_score(maps, params.bg_power), maps]),
-                           iterations=params.par_iterations)
-        for k, mask in inside.items():  # PAR propagates across the box edge; the box is a hard limit
-            probs[1 + k] *= mask
-        return probs
+@dataclass
+class RefinedCams:
+    """Stages 4–5 on the patch grid."""
+
+    static: torch.Tensor  # (K, h, w) CLIP-ES static refinement
+    rfm: torch.Tensor | None  # (K, h, w) RFM refinement, None without A_f
+    scores: torch.Tensor  # (N,) S^l, NaN outside N0..N or without A_f
+    keep: torch.Tensor  # (N,) bool G^l
+    fallback: bool  # no layer passed G^l
+
+
+def refine_stages(cams: torch.Tensor, attn: torch.Tensor, aff_f: torch.Tensor | None, params: RefineParams,
+                  box_mask: torch.Tensor) -> RefinedCams:
+    """Static refinement and RFM of the initial CAMs.
+
+    cams (K, h, w), attn (N, n, n) every block's attention, aff_f (n, n) decoder affinity or None,
+    box_mask (K, h, w) the B_c of each class.
+    """
+    n_blocks = attn.shape[0]
+    static = rf.propagate_cams(rf.transition_matrix(rf.static_affinity(attn, params.static_layers), params.alpha),
+                               cams, box_mask)
+    if aff_f is None:
+        return RefinedCams(static, None, torch.full((n_blocks,), float("nan")),
+                           torch.zeros(n_blocks, dtype=torch.bool), False)
+    scores = rf.layer_scores(aff_f, attn, params.n0, params.distance)
+    keep = rf.layer_gates(scores, params.distance)
+    r, fallback = rf.rfm_affinity(aff_f, attn, keep, params.n0)
+    rfm = rf.propagate_cams(rf.transition_matrix(r, params.alpha), cams, box_mask)
+    return RefinedCams(static, rfm, scores, keep, fallback)
+
+
+def par_probs(image: np.ndarray, cams: torch.Tensor, params: RefineParams,
+              inside: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """[bg; CAMs] at the image's resolution refined by PAR: (1 + K, H, W).
+
+    image (H, W, 3) uint8; cams (K, h, w) patch-grid CAMs, resized bilinearly (cv2, as CLIP-ES);
+    background (1 − max CAM)^p; ``inside`` {k: (H, W) bool} confines class k before and after PAR
+    (PAR propagates across a box edge; a user box is a hard limit).
+    """
+    h, w = image.shape[:2]
+    maps = torch.from_numpy(np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
+                                      for m in _np(cams)])).to(cams.device)
+    inside = {k: m.to(maps.device) for k, m in (inside or {}).items()}
+    for k, mask in inside.items():
+        maps[k] *= mask
+    maps = maps.clamp(0, 1)
+    probs = par_refine(image, torch.cat([background_score(maps, params.bg_power), maps]),
+                       iterations=params.par_iterations)
+    for k, mask in inside.items():
+        probs[1 + k] *= mask
+    return probs
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
