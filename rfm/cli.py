@@ -69,16 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(run)
     _add_refine_flags(run)
     _add_export_parser(sub)
+    _add_train_parser(sub)
     from .metrics import add_eval_parser
 
     add_eval_parser(sub)
     return parser
 
 
-def _add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="pseudo labels, CAMs and COCO masks for a whole dataset (resumable, torchrun)",
-                       description="Run the pipeline over a dataset. Rerunning the same command resumes; "
-                                   "under torchrun the images are shared among the ranks.")
+def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("dataset (one of)")
     src.add_argument("--voc", metavar="ROOT", help="VOC devkit folder (JPEGImages/, Annotations/, SegmentationClass/)")
     src.add_argument("--split", help="split file of stems for --voc (default: every image of JPEGImages/)")
@@ -87,6 +85,36 @@ def _add_export_parser(sub) -> None:
     src.add_argument("--images", metavar="DIR", help="image folder, with --labels FILE or --coco FILE")
     src.add_argument("--labels", metavar="FILE", help="CSV (image,labels) or JSON labels for --images")
     src.add_argument("--coco", metavar="ANNOTATIONS", help="COCO instances JSON (labels from its annotations)")
+
+
+def _dataset(args):
+    """(vocabulary, samples) from the dataset flags."""
+    from .data import coco_samples, folder_samples, voc_samples
+    from .text import get_vocabulary
+
+    sources = [bool(args.voc), bool(args.images and args.labels), bool(args.coco)]
+    if sum(sources) != 1 or (args.coco and not args.images):
+        raise ValueError("give exactly one dataset: --voc ROOT | --images DIR --labels FILE | --coco FILE --images DIR")
+    vocab_spec = "coco" if args.coco and args.vocab == "voc" else args.vocab
+    vocab = get_vocabulary(vocab_spec, args.background.split(",") if args.background else None)
+    if args.voc:
+        return vocab, voc_samples(args.voc, args.split, args.labels_from, vocab)
+    if args.coco:
+        return vocab, coco_samples(args.coco, args.images)
+    return vocab, folder_samples(args.images, args.labels, vocab)
+
+
+def _clip_file(args) -> Path:
+    from .backbone import CHECKPOINT_DIR
+
+    return CHECKPOINT_DIR / f"{args.model}.pt" if str(args.clip) == "openai" else Path(args.clip)
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="pseudo labels, CAMs and COCO masks for a whole dataset (resumable, torchrun)",
+                       description="Run the pipeline over a dataset. Rerunning the same command resumes; "
+                                   "under torchrun the images are shared among the ranks.")
+    _add_dataset_flags(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", default="png", help="comma-separated subset of png,npy,coco (default png)")
     p.add_argument("--cam-stage", choices=("initial", "static", "rfm"), default=None,
@@ -102,29 +130,15 @@ def _add_export_parser(sub) -> None:
 
 def cmd_export(args) -> int:
     import rfm
-    from .backbone import CHECKPOINT_DIR
     from .batch import ExportOptions, export_dataset, init_distributed, run_identity
-    from .data import coco_samples, folder_samples, voc_samples
-    from .text import get_vocabulary
 
-    sources = [bool(args.voc), bool(args.images and args.labels), bool(args.coco)]
-    if sum(sources) != 1 or (args.coco and not args.images):
-        raise ValueError("give exactly one dataset: --voc ROOT | --images DIR --labels FILE | --coco FILE --images DIR")
     if args.box:
         raise ValueError("--box applies to one image (rfm run), not to a dataset")
-    vocab_spec = "coco" if args.coco and args.vocab == "voc" else args.vocab
-    background = args.background.split(",") if args.background else None
-    vocab = get_vocabulary(vocab_spec, background)
-    if args.voc:
-        samples = voc_samples(args.voc, args.split, args.labels_from, vocab)
-    elif args.coco:
-        samples = coco_samples(args.coco, args.images)
-    else:
-        samples = folder_samples(args.images, args.labels, vocab)
+    vocab, samples = _dataset(args)
     params = _params(args, vocab.name)
     dist = init_distributed(args.device)
     clip = rfm.load_clip(args.model, pretrained=args.clip, device=dist.device)
-    clip_file = CHECKPOINT_DIR / f"{args.model}.pt" if str(args.clip) == "openai" else Path(args.clip)
+    clip_file = _clip_file(args)
     decoder = rfm.load_decoder(args.decoder) if args.decoder else None
     predictor = rfm.Predictor(clip, vocabulary=vocab, decoder=decoder, device=dist.device, max_side=args.max_side)
     options = ExportOptions(formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
@@ -136,6 +150,64 @@ def cmd_export(args) -> int:
     if dist.rank == 0:
         print(f"done {summary['done']}, skipped {summary['skipped']} (already finished), "
               f"failed {len(summary['failed'])} → {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig(steps=1)
+    p = sub.add_parser("train", help="train the WeCLIP decoder on a dataset with the frozen CLIP",
+                       description="Train the WeCLIP decoder (REFERENCE §4). Writes OUT/decoder.safetensors + .json "
+                                   "(load with --decoder), log.csv, losses.png and state.pt (--resume).")
+    _add_dataset_flags(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, required=True, help="training steps (the official VOC run: 30000)")
+    p.add_argument("--cache-features", action="store_true",
+                   help="run CLIP once per image and train on cached float16 features (fast on a CPU; no rescaling)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="every K steps, mIoU of the pseudo labels on --val-split (needs ground-truth masks)")
+    p.add_argument("--val-split", help="split file of validation stems (same --voc root; default: up to "
+                                       "--val-images training images that have masks)")
+    p.add_argument("--val-images", type=int, default=20, help="validation images when no --val-split (default 20)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--crop", type=int, default=d.crop, help=f"crop size in pixels (default {d.crop})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"decoder learning rate (default {d.lr})")
+    p.add_argument("--switch-step", type=int, default=None,
+                   help="RFM replaces the static refinement after this step (default: half of --steps)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint period (default {d.save_every})")
+    p.add_argument("--cache-side", type=int, default=d.cache_side,
+                   help=f"long side of the cached scale (default {d.cache_side})")
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim, help=f"decoder width (default {d.embed_dim})")
+    p.add_argument("--seed", type=int, default=0)
+    _add_model_flags(p)
+    _add_refine_flags(p)
+
+
+def cmd_train(args) -> int:
+    import rfm
+    from .batch import file_sha256
+    from .data import voc_samples
+    from .train import TrainConfig, train
+
+    vocab, samples = _dataset(args)
+    if args.val_split and not args.voc:
+        raise ValueError("--val-split needs --voc")
+    val = voc_samples(args.voc, args.val_split, args.labels_from, vocab) if args.val_split else \
+        [s for s in samples if s.gt is not None][:args.val_images]
+    if args.eval_every and not val:
+        raise ValueError("--eval-every needs validation images with ground-truth masks (--voc with SegmentationClass/)")
+    params = _params(args, vocab.name)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+                         switch_step=args.switch_step, save_every=args.save_every, eval_every=args.eval_every,
+                         seed=args.seed, cache_features=args.cache_features, cache_side=args.cache_side,
+                         embed_dim=args.embed_dim)
+    clip = rfm.load_clip(args.model, pretrained=args.clip, device=args.device)
+    decoder = rfm.load_decoder(args.decoder) if args.decoder and not args.resume else None
+    train(samples, clip, vocab, params, config, args.out, decoder=decoder, resume=args.resume, val_samples=val,
+          clip_id=file_sha256(_clip_file(args)))
+    print(f"decoder written to {Path(args.out) / 'decoder.safetensors'} (use --decoder with rfm run/export or the app)")
     return 0
 
 
@@ -189,7 +261,7 @@ def main(argv=None) -> int:
     try:
         from .metrics import eval_main
 
-        return {"run": cmd_run, "export": cmd_export, "eval": eval_main}[args.command](args)
+        return {"run": cmd_run, "export": cmd_export, "train": cmd_train, "eval": eval_main}[args.command](args)
     except KeyboardInterrupt:
         print("rfm: interrupted", file=sys.stderr)
         return 130

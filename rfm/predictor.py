@@ -167,6 +167,15 @@ class AttentionRows:
     decoder: np.ndarray | None  # (h, w): A_f[i, :], None without a decoder
 
 
+@dataclass
+class AdaptSnapshot:
+    """The decoder affinity at one step of ``Predictor.adapt_decoder``, for replaying how RFM changed."""
+
+    step: int
+    losses: dict  # {"seg", "aff", "total"}
+    aff_f: torch.Tensor  # (n, n) A_f after this step
+
+
 class Predictor:
     """Run CLIP-ES → static refinement → RFM → PAR on one image at a time.
 
@@ -219,17 +228,9 @@ class Predictor:
             self._image = {
                 "size": (h, w), "grid": blocks.grid, "work_image": resize_image(rgb, work),
                 "last_input": blocks.tokens[-1][0], "attn": blocks.attn, "patch_tokens": patch_tokens,
-                "aff_f": self._decoder_affinity(patch_tokens, blocks.grid),
+                "aff_f": _decoder_affinity(self.decoder, patch_tokens, blocks.grid),
             }
             self._set_labels(indices)
-
-    def _decoder_affinity(self, patch_tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
-        """A_f (n, n) of the current decoder, or None without one."""
-        if self.decoder is None:
-            return None
-        from .decoder import feature_affinity
-
-        return feature_affinity(self.decoder.fused_features(patch_tokens, grid))[0].float()
 
     def set_labels(self, labels: Sequence[str | int]) -> None:
         """Change the image's classes without rerunning the backbone (only the last block runs again)."""
@@ -252,6 +253,79 @@ class Predictor:
         aff_f = st["aff_f"]
         return AttentionRows(patch=(r, c), layers=_np(st["attn_all"][:, i]).reshape(-1, h, w),
                              decoder=None if aff_f is None else _np(aff_f[i]).reshape(h, w))
+
+    def adapt_decoder(self, steps: int = 60, params: RefineParams | None = None, callback=None, lr: float = 2e-3,
+                      snapshot_every: int = 5, label_every: int = 5, switch_step: int | None = None,
+                      seed: int = 0) -> list[AdaptSnapshot]:
+        """Fit the decoder (a copy of the loaded one, or a fresh one) to the current image with WeCLIP's losses.
+
+        Uses the cached tokens and attention: no CLIP pass. The pseudo label is remade every
+        ``label_every`` steps from the static refinement until ``switch_step`` (default: half the
+        steps) and from RFM with the decoder's current A_f after it, as in training. ``callback(step,
+        steps, losses)`` reports progress. Returns snapshots of A_f for ``show_snapshot``; the
+        adapted decoder replaces this predictor's (other predictors sharing the original keep theirs).
+        """
+        import copy
+
+        from .decoder import Decoder, feature_affinity
+        from .losses import make_optimizer, poly_warmup_lr, weclip_loss
+
+        params = params or RefineParams()
+        if self._image is None or "cams" not in self._image:
+            raise RuntimeError("call set_image first")
+        _integer("steps", steps, 1, "at least one optimisation step")
+        st = self._image
+        switch_step = steps // 2 if switch_step is None else switch_step
+        with self._lock:
+            torch.manual_seed(seed)
+            if self.decoder is None:
+                decoder = Decoder(width=self.clip.width, num_blocks=self.num_blocks - 1,
+                                  num_classes=len(self.vocabulary) + 1)
+            else:
+                decoder = copy.deepcopy(self.decoder)
+            if decoder.config["num_classes"] < len(self.vocabulary) + 1:
+                raise ValueError(f"the decoder predicts {decoder.config['num_classes']} classes but the "
+                                 f"vocabulary needs {len(self.vocabulary) + 1}")
+            decoder = decoder.to(self.device).train()
+            optimizer = make_optimizer(decoder.parameters(), lr=lr)
+            box_mask = rf.box_masks(st["cams"], params.box_threshold)
+            history: list[AdaptSnapshot] = []
+            label = None
+            for step in range(steps):
+                logits, f_u = decoder(st["patch_tokens"], st["grid"])
+                aff = feature_affinity(f_u)
+                if label is None or step % label_every == 0 or step == switch_step:
+                    with torch.no_grad():
+                        stages = refine_stages(st["cams"], st["attn_all"], aff[0].detach().float(), params, box_mask)
+                        cams = stages.rfm if step >= switch_step else stages.static
+                        label = pseudo_label(par_probs(st["work_image"], cams, params), st["indices"])
+                loss, losses = weclip_loss(logits, aff, label[None].to(logits.device), st["grid"])
+                for group in optimizer.param_groups:
+                    group["lr"] = poly_warmup_lr(step, lr, steps, warmup_steps=min(50, steps // 10))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if (step + 1) % snapshot_every == 0 or step + 1 == steps:
+                    with torch.no_grad():
+                        decoder.eval()
+                        after = _decoder_affinity(decoder, st["patch_tokens"], st["grid"])
+                        decoder.train()
+                    history.append(AdaptSnapshot(step + 1, losses, after.cpu()))
+                if callback is not None:
+                    callback(step + 1, steps, losses)
+            self.decoder = decoder.eval()
+            st["aff_f"] = _decoder_affinity(decoder, st["patch_tokens"], st["grid"])
+        return history
+
+    def show_snapshot(self, snapshot: AdaptSnapshot) -> None:
+        """Make ``refine`` use the decoder affinity recorded at a step of ``adapt_decoder`` (replay)."""
+        if self._image is None:
+            raise RuntimeError("call set_image first")
+        n = self._image["attn_all"].shape[-1]
+        if tuple(snapshot.aff_f.shape) != (n, n):
+            raise ValueError("this snapshot belongs to another image")
+        with self._lock:
+            self._image["aff_f"] = snapshot.aff_f.to(self.device)
 
     def _resolve_labels(self, labels) -> list[int]:
         if isinstance(labels, (str, int)):
@@ -400,6 +474,15 @@ def par_probs(image: np.ndarray, cams: torch.Tensor, params: RefineParams,
     for k, mask in inside.items():
         probs[1 + k] *= mask
     return probs
+
+
+def _decoder_affinity(decoder, patch_tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
+    """A_f (n, n) of a decoder for the cached tokens (N − 1, 1, n, D), or None without a decoder."""
+    if decoder is None:
+        return None
+    from .decoder import feature_affinity
+
+    return feature_affinity(decoder.fused_features(patch_tokens, grid))[0].float()
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
