@@ -196,7 +196,7 @@ def test_corrupt_images_are_reported_and_skipped(voc_copy, weights, tmp_path, ca
 def _cli(args, weights, out):
     return [sys.executable, "-m", "rfm", "export", *map(str, args), "--out", str(out), "--clip",
             str(weights / "clip.pt"), "--decoder", str(weights / "decoder.safetensors"),
-            "--n0", "2", "--static-layers", "3", "--workers", "0"]
+            "--n0", "2", "--static-layers", "3", "--workers", "0", "--max-side", "256", "--par-iterations", "10"]
 
 
 def test_sigkill_and_resume_gives_byte_identical_outputs(voc_copy, weights, tmp_path):
