@@ -32,3 +32,17 @@ def voc_image(root: Path, stem: str):
     from PIL import Image
 
     return path, np.asarray(Image.open(root / "SegmentationClass" / f"{stem}.png"))
+
+
+@pytest.fixture(scope="session")
+def weight_files(tmp_path_factory):
+    """clip.pt (OpenAI-format state dict of SMALL_CLIP) and decoder.safetensors (project format) on disk."""
+    from rfm.backbone import random_clip_state_dict
+    from rfm.decoder import Decoder
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save(random_clip_state_dict(seed=0, **SMALL_CLIP), folder / "clip.pt")
+    torch.manual_seed(0)
+    Decoder(width=SMALL_CLIP["width"], num_blocks=SMALL_CLIP["layers"] - 1, embed_dim=32, heads=4,
+            layers=1).save(folder / "decoder.safetensors")
+    return folder

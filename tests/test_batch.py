@@ -10,28 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from rfm.backbone import random_clip_state_dict
 from rfm.cli import main
 from rfm.data import coco_samples, folder_samples, mask_labels, voc_samples, xml_labels
-from rfm.decoder import Decoder
 from rfm.text import COCO, COCO_CATEGORY_IDS, VOC
-from conftest import SMALL_CLIP
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--n0", "2", "--static-layers", "3", "--max-side", "160", "--par-iterations", "5", "--workers", "0"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    torch.save(random_clip_state_dict(seed=0, **SMALL_CLIP), folder / "clip.pt")
-    torch.manual_seed(0)
-    Decoder(width=SMALL_CLIP["width"], num_blocks=SMALL_CLIP["layers"] - 1, embed_dim=32, heads=4,
-            layers=1).save(folder / "decoder.safetensors")
-    return folder
 
 
 @pytest.fixture()
@@ -53,10 +39,10 @@ def voc_copy(voc_mini, tmp_path):
     return root
 
 
-def _export(args, weights, out, capsys=None, decoder=True):
-    argv = ["export", *map(str, args), "--out", str(out), "--clip", str(weights / "clip.pt"), *FAST]
+def _export(args, weight_files, out, capsys=None, decoder=True):
+    argv = ["export", *map(str, args), "--out", str(out), "--clip", str(weight_files / "clip.pt"), *FAST]
     if decoder:
-        argv += ["--decoder", str(weights / "decoder.safetensors")]
+        argv += ["--decoder", str(weight_files / "decoder.safetensors")]
     code = main(argv)
     err = capsys.readouterr().err if capsys else ""
     return code, err
@@ -112,7 +98,7 @@ def test_folder_and_coco_sources(voc_copy, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["mask", "xml", "npy", "folder", "coco"])
-def test_export_in_every_input_mode(mode, voc_copy, weights, tmp_path, capsys):
+def test_export_in_every_input_mode(mode, voc_copy, weight_files, tmp_path, capsys):
     if mode == "folder":
         lines = ["image,labels"] + [f"{p.name},{'|'.join(VOC.class_names[i] for i in mask_labels(voc_copy / 'SegmentationClass' / (p.stem + '.png')))}"
                                     for p in sorted((voc_copy / "JPEGImages").iterdir())]
@@ -131,7 +117,7 @@ def test_export_in_every_input_mode(mode, voc_copy, weights, tmp_path, capsys):
         spec = f"npy:{voc_copy / 'cls_labels_onehot.npy'}" if mode == "npy" else mode
         source = ["--voc", voc_copy, "--labels-from", spec]
     out = tmp_path / "out"
-    code, err = _export([*source, "--format", "png,npy,coco"], weights, out, capsys)
+    code, err = _export([*source, "--format", "png,npy,coco"], weight_files, out, capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["done"] == 11 and summary["failed"] == [] and summary["images"] == 11
@@ -149,43 +135,43 @@ def test_export_in_every_input_mode(mode, voc_copy, weights, tmp_path, capsys):
         assert set(np.unique(np.asarray(label))) <= {0} | {i + 1 for i in present}
 
 
-def test_rerun_skips_finished_images_verified_by_hash(voc_copy, weights, tmp_path, capsys):
+def test_rerun_skips_finished_images_verified_by_hash(voc_copy, weight_files, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--voc", voc_copy, "--labels-from", "mask", "--format", "png,npy"]
-    assert _export(args, weights, out, capsys)[0] == 0
+    assert _export(args, weight_files, out, capsys)[0] == 0
     first = _outputs(out)
-    assert _export(args, weights, out, capsys)[0] == 0
+    assert _export(args, weight_files, out, capsys)[0] == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["done"] == 0 and summary["skipped"] == 11
     # existence is not enough: a changed or missing output is redone
     (out / "SegmentationClass" / "vainf_000.png").write_bytes(b"damaged")
     (out / "cams" / "vainf_001.npy").unlink()
-    assert _export(args, weights, out, capsys)[0] == 0
+    assert _export(args, weight_files, out, capsys)[0] == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["done"] == 2 and summary["skipped"] == 9
     assert _outputs(out) == first
 
 
-def test_other_parameters_are_refused_unless_overwrite(voc_copy, weights, tmp_path, capsys):
+def test_other_parameters_are_refused_unless_overwrite(voc_copy, weight_files, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--voc", voc_copy, "--labels-from", "mask"]
-    assert _export(args, weights, out, capsys)[0] == 0
+    assert _export(args, weight_files, out, capsys)[0] == 0
     before = _outputs(out)
-    code, err = _export([*args, "--alpha", "3"], weights, out, capsys)
+    code, err = _export([*args, "--alpha", "3"], weight_files, out, capsys)
     assert code == 2 and "refine.alpha" in err and "--overwrite" in err
     assert _outputs(out) == before
-    code, err = _export([*args, "--alpha", "3", "--overwrite"], weights, out, capsys)
+    code, err = _export([*args, "--alpha", "3", "--overwrite"], weight_files, out, capsys)
     assert code == 0, err
     assert json.loads((out / "summary.json").read_text())["done"] == 11
     assert json.loads((out / "manifest.json").read_text())["parameters"]["refine"]["alpha"] == 3
 
 
-def test_corrupt_images_are_reported_and_skipped(voc_copy, weights, tmp_path, capsys):
+def test_corrupt_images_are_reported_and_skipped(voc_copy, weight_files, tmp_path, capsys):
     (voc_copy / "JPEGImages" / "vainf_000.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (voc_copy / "JPEGImages" / "empty.jpg").write_bytes(b"")
     Image.open(voc_copy / "SegmentationClass" / "vainf_001.png").save(voc_copy / "SegmentationClass" / "empty.png")
     out = tmp_path / "out"
-    code, err = _export(["--voc", voc_copy, "--labels-from", "mask", "--workers", "2"], weights, out, capsys)
+    code, err = _export(["--voc", voc_copy, "--labels-from", "mask", "--workers", "2"], weight_files, out, capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["done"] == 10 and {f["stem"] for f in summary["failed"]} == {"vainf_000", "empty"}
@@ -193,20 +179,20 @@ def test_corrupt_images_are_reported_and_skipped(voc_copy, weights, tmp_path, ca
     assert not (out / "SegmentationClass" / "vainf_000.png").exists()
 
 
-def _cli(args, weights, out):
+def _cli(args, weight_files, out):
     return [sys.executable, "-m", "rfm", "export", *map(str, args), "--out", str(out), "--clip",
-            str(weights / "clip.pt"), "--decoder", str(weights / "decoder.safetensors"),
+            str(weight_files / "clip.pt"), "--decoder", str(weight_files / "decoder.safetensors"),
             "--n0", "2", "--static-layers", "3", "--workers", "0", "--max-side", "256", "--par-iterations", "10"]
 
 
-def test_sigkill_and_resume_gives_byte_identical_outputs(voc_copy, weights, tmp_path):
+def test_sigkill_and_resume_gives_byte_identical_outputs(voc_copy, weight_files, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = ["--voc", voc_copy, "--labels-from", "mask", "--format", "png,npy,coco"]
     reference = tmp_path / "reference"
-    subprocess.run(_cli(args, weights, reference), check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(_cli(args, weight_files, reference), check=True, env=env, capture_output=True, timeout=300)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(args, weights, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cli(args, weight_files, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / "manifest.d" / "rank-0.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -219,18 +205,18 @@ def test_sigkill_and_resume_gives_byte_identical_outputs(voc_copy, weights, tmp_
     assert 3 <= finished < 11, "the run must be killed in the middle"
     assert not (out / "coco.json").exists()
 
-    subprocess.run(_cli(args, weights, out), check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(_cli(args, weight_files, out), check=True, env=env, capture_output=True, timeout=300)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] >= finished and summary["done"] + summary["skipped"] == 11
     assert _outputs(out) == _outputs(reference)
     assert not list(out.glob("**/.*.tmp"))
 
 
-def test_torchrun_two_gloo_ranks_share_the_images(voc_copy, weights, tmp_path):
+def test_torchrun_two_gloo_ranks_share_the_images(voc_copy, weight_files, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "out"
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", *_cli(
-        ["--voc", voc_copy, "--labels-from", "mask", "--format", "png,coco"], weights, out)[1:]]
+        ["--voc", voc_copy, "--labels-from", "mask", "--format", "png,coco"], weight_files, out)[1:]]
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

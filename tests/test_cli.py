@@ -11,20 +11,9 @@ from PIL import Image
 
 from rfm.backbone import random_clip_state_dict
 from rfm.cli import main
-from rfm.decoder import Decoder
-from conftest import SMALL_CLIP, voc_image
+from conftest import voc_image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def small_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    torch.save(random_clip_state_dict(seed=0, **SMALL_CLIP), folder / "clip.pt")
-    torch.manual_seed(0)
-    Decoder(width=SMALL_CLIP["width"], num_blocks=SMALL_CLIP["layers"] - 1, embed_dim=32, heads=4,
-            layers=1).save(folder / "decoder.safetensors")
-    return folder
 
 
 def _run(args, capsys):
@@ -33,11 +22,11 @@ def _run(args, capsys):
     return code, out.out, out.err
 
 
-def test_run_writes_label_overlays_and_figure(small_files, voc_mini, tmp_path, capsys):
+def test_run_writes_label_overlays_and_figure(weight_files, voc_mini, tmp_path, capsys):
     image_path, _ = voc_image(voc_mini, "2008_004430")
     out = tmp_path / "out"
-    code, stdout, stderr = _run(["run", image_path, "--labels", "cat,dog", "--clip", small_files / "clip.pt",
-                                 "--decoder", small_files / "decoder.safetensors", "--n0", 2, "--static-layers", 3,
+    code, stdout, stderr = _run(["run", image_path, "--labels", "cat,dog", "--clip", weight_files / "clip.pt",
+                                 "--decoder", weight_files / "decoder.safetensors", "--n0", 2, "--static-layers", 3,
                                  "--alpha", 3, "--box", "dog:10,10,300,300", "--out", out], capsys)
     assert code == 0, stderr
     label = Image.open(out / "label.png")
@@ -53,10 +42,10 @@ def test_run_writes_label_overlays_and_figure(small_files, voc_mini, tmp_path, c
     assert "RFM kept blocks" in stdout
 
     # running again refuses to overwrite; --overwrite replaces
-    code, _, stderr = _run(["run", image_path, "--labels", "cat", "--clip", small_files / "clip.pt", "--n0", 2,
+    code, _, stderr = _run(["run", image_path, "--labels", "cat", "--clip", weight_files / "clip.pt", "--n0", 2,
                             "--static-layers", 3, "--out", out], capsys)
     assert code == 2 and "--overwrite" in stderr
-    code, _, stderr = _run(["run", image_path, "--labels", "cat", "--clip", small_files / "clip.pt", "--n0", 2,
+    code, _, stderr = _run(["run", image_path, "--labels", "cat", "--clip", weight_files / "clip.pt", "--n0", 2,
                             "--static-layers", 3, "--out", out, "--overwrite"], capsys)
     assert code == 0, stderr
 
@@ -67,9 +56,9 @@ def test_run_writes_label_overlays_and_figure(small_files, voc_mini, tmp_path, c
     ("bad_alpha", "alpha must be ≥ 1"),
     ("missing_clip", "CLIP checkpoint not found"),
 ])
-def test_errors_exit_non_zero_with_one_line(case, message, small_files, voc_mini, tmp_path, capsys):
+def test_errors_exit_non_zero_with_one_line(case, message, weight_files, voc_mini, tmp_path, capsys):
     image_path, _ = voc_image(voc_mini, "2008_004430")
-    args = {"labels": "cat", "clip": small_files / "clip.pt", "alpha": 2}
+    args = {"labels": "cat", "clip": weight_files / "clip.pt", "alpha": 2}
     if case == "bad_image":
         image_path = tmp_path / "broken.jpg"
         image_path.write_bytes(b"\xff\xd8 not really a jpeg")

@@ -1,0 +1,211 @@
+"""The web app in a real browser: Playwright drives headless Debian Chromium against ``app.py --demo``
+started on a free localhost port. A full-page screenshot is kept under tests/artifacts/."""
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rfm import viz
+from rfm.ui import sample_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHELSEA = ROOT / "assets" / "chelsea.png"  # 451×300, a cat
+TIMEOUT_MS = 30_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", "--demo", "--device", "cpu", "--port", str(port)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"app.py --demo did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: run `apt-get install chromium` (the browser tests need it; "
+                    f"Playwright cannot download its own browser here)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    context = browser.new_context(viewport={"width": 1600, "height": 1200}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_url)
+    page.wait_for_selector("#samples img")
+    yield page
+    context.close()
+
+
+def src(page, view: str) -> str | None:
+    return page.locator(f"#{view} img").first.get_attribute("src") if page.locator(f"#{view} img").count() else None
+
+
+def wait_new_src(page, view: str, old: str | None) -> str:
+    page.wait_for_function("([sel, old]) => { const img = document.querySelector(sel);"
+                           " return img !== null && img.src !== old; }", arg=[f"#{view} img", old or ""])
+    return src(page, view)
+
+
+def fetch_rgb(page, url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(page.request.get(url).body())).convert("RGB"))
+
+
+def pick_chelsea(page):
+    index = [p.stem for p in sample_paths()].index("chelsea")
+    page.locator("#samples img").nth(index).click()
+    wait_new_src(page, "view-label", None)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Classes: cat')")
+
+
+def set_slider(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_explore_views_layers_and_download(page):
+    assert "random weights — heatmaps are meaningless" in page.locator("#demo-banner").inner_text()
+    pick_chelsea(page)
+    assert "cat" in page.locator("#classes").inner_text()
+
+    # choose a second class through the dropdown
+    page.locator("#classes input").click()
+    page.locator("#classes input").fill("dog")
+    page.get_by_role("option", name="dog", exact=True).click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Classes: cat, dog')")
+
+    static, rfm_view = src(page, "view-static"), src(page, "view-rfm")
+    set_slider(page, "alpha", 3)
+    static = wait_new_src(page, "view-static", static)
+    rfm_view = wait_new_src(page, "view-rfm", rfm_view)
+    set_slider(page, "n0", 10)  # the demo CLIP keeps layers 9 and 11 from N0 = 7, only 11 from N0 = 10
+    wait_new_src(page, "view-rfm", rfm_view)
+    assert src(page, "view-static") == static  # N0 is RFM's knob only
+
+    page.locator("#view-initial img").click(position={"x": 120, "y": 90})
+    page.wait_for_function("document.querySelectorAll('#layers img').length === 12")
+    captions = page.locator("#layers").inner_text()
+    assert "l=1 · S=– · not a candidate" in captions and "l=11 · S=" in captions
+    assert "kept" in captions and page.locator("#affinity img").count() == 1
+    assert int(page.locator("#pixel-x input").input_value()) > 0
+
+    page.locator("#export-label").click()
+    link = page.locator("#download a").first
+    link.wait_for()
+    with page.expect_download() as download:
+        link.click()
+    label = Image.open(download.value.path())
+    assert label.mode == "P" and label.size == (451, 300)
+    assert set(np.unique(np.asarray(label))) <= {0, 8, 12}
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app_full_page.png"), full_page=True)
+
+
+def test_a_drawn_box_confines_its_class(page):
+    pick_chelsea(page)
+    static = src(page, "view-static")
+    canvas = page.locator("#annotator canvas").first.bounding_box()
+    # drag over 20–50 % of the width and 20–60 % of the height (the 3:2 photo fills the canvas)
+    page.mouse.move(canvas["x"] + 0.2 * canvas["width"], canvas["y"] + 0.2 * canvas["height"])
+    page.mouse.down()
+    page.mouse.move(canvas["x"] + 0.5 * canvas["width"], canvas["y"] + 0.6 * canvas["height"], steps=8)
+    page.mouse.up()
+    dialog = page.locator("#model-box-edit")
+    dialog.locator("input[aria-label=Label]").click()
+    page.get_by_role("option", name="cat", exact=True).click()
+    dialog.get_by_role("button", name="OK").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Your boxes: cat ×1')")
+    static = wait_new_src(page, "view-static", static)
+
+    view = fetch_rgb(page, static).astype(int)
+    blank = viz.overlay_cam(np.asarray(Image.open(CHELSEA).convert("RGB")), np.zeros((300, 451), np.float32))
+    x0, y0, x1, y1 = 0.2 * 451, 0.2 * 300, 0.5 * 451, 0.6 * 300
+    margin = 20  # the drag's rounding, the box outline and JPEG ringing
+    yy, xx = np.mgrid[:300, :451]
+    outside = (xx < x0 - margin) | (xx > x1 + margin) | (yy < y0 - margin) | (yy > y1 + margin)
+    inside = (xx > x0 + margin) & (xx < x1 - margin) & (yy > y0 + margin) & (yy < y1 - margin)
+    assert np.abs(view - blank)[outside].mean() < 3  # CAM 0 everywhere outside the box
+    assert np.abs(view - blank)[inside].mean() > 20
+
+    page.locator("#export-label").click()
+    href = page.locator("#download a").first.get_attribute("href")
+    label = np.asarray(Image.open(io.BytesIO(page.request.get(href).body())))
+    assert (label[~outside] == 8).any() and not (label[outside] == 8).any()
+
+
+def test_without_weights_the_app_starts_and_offers_demo_mode(browser, tmp_path):
+    missing = tmp_path / "ViT-B-16.pt"
+    port = free_port()
+    with open(tmp_path / "app.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", "--clip", str(missing), "--device", "cpu", "--port",
+                                 str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    context = browser.new_context(viewport={"width": 1600, "height": 1200})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the app did not start without weights"
+                time.sleep(0.5)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(f"http://127.0.0.1:{port}/")
+        banner = page.locator("#weights-banner")
+        banner.get_by_text(str(missing)).wait_for()
+        assert not page.locator("#demo-banner").is_visible()
+        page.locator("#demo-button").click()
+        page.locator("#demo-banner").get_by_text("random weights — heatmaps are meaningless").wait_for()
+        assert not banner.is_visible()
+        pick_chelsea(page)
+        assert page.locator("#view-rfm img").count() == 1
+    finally:
+        context.close()
+        proc.terminate()
+        proc.wait(timeout=30)
