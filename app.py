@@ -1,9 +1,40 @@
-"""RFM studio app entry point. The Gradio interface is being built; until it lands this prints how to
-use the pipeline from the command line."""
+"""RFM studio web app: ``python app.py [--clip openai|PATH] [--decoder PATH] [--demo] …``
+serves http://127.0.0.1:7860."""
+from __future__ import annotations
+
+import argparse
 import sys
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="RFM studio: see and use CAM refinement in the browser.")
+    p.add_argument("--clip", default="openai",
+                   help="'openai' (checkpoints/ViT-B-16.pt, downloaded there if missing) or a path to an "
+                        "OpenAI-format CLIP file (default openai)")
+    p.add_argument("--decoder", default=None, help="WeCLIP decoder checkpoint; without it the RFM view stays empty")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--demo", action="store_true",
+                   help="small random CLIP and decoder: every view works, heatmaps are meaningless")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    p.add_argument("--max-side", type=int, default=512,
+                   help="long side images are scaled down to for the pipeline; exports keep the original size")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from rfm.ui import Models, Studio, launch  # after parsing, so --help is instant
+
+    try:
+        models = Models.load(args.clip, args.decoder, args.device, demo=args.demo)
+    except (OSError, ValueError) as err:  # a bad --decoder file: say which and why instead of a traceback
+        sys.exit(f"error: {err}")
+    if models.error:
+        print(f"No CLIP weights: {models.error}\nThe app starts anyway and offers demo mode.", file=sys.stderr)
+    launch(Studio(models, max_side=args.max_side), host=args.host, port=args.port, share=args.share)
+
+
 if __name__ == "__main__":
-    print("The RFM studio web app is not built yet. Meanwhile the full pipeline runs from the command line:\n"
-          "  .venv/bin/rfm run IMAGE --labels cat,dog --out out/ [--clip checkpoints/ViT-B-16.pt] [--decoder FILE]\n"
-          "See README.md.", file=sys.stderr)
-    sys.exit(1)
+    main()

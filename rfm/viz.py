@@ -226,3 +226,151 @@ def _file_names(class_names: Sequence[str]) -> list[str]:
 
 def _save_rgb_png(path: Path, rgb: np.ndarray, overwrite: bool) -> Path:
     return atomic_write(path, lambda f: Image.fromarray(rgb).save(f, format="PNG"), overwrite)
+
+
+# ---------------------------------------------------------------- interactive app rendering (OpenCV only)
+
+__all__ += [
+    "attention_tile",
+    "cam_colorbar",
+    "draw_boxes",
+    "draw_marker",
+    "fit",
+    "layer_score_chart",
+    "thumbnail",
+]
+
+KEPT_RGB = (44, 160, 44)  # matplotlib's tab:green / tab:red / light grey, as in the static figure
+REJECTED_RGB = (214, 39, 40)
+INACTIVE_RGB = (230, 230, 230)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def thumbnail(image: np.ndarray, max_side: int) -> np.ndarray:
+    """The RGB image scaled down (area interpolation) so its long side is at most ``max_side``."""
+    image = _check_image(image)
+    height, width = image.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def fit(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W) map resized to ``size`` = (h, w) for display: integer labels by nearest neighbour (no
+    invented classes), float maps by area averaging when shrinking and bilinearly when enlarging."""
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {array.shape}")
+    if array.shape == tuple(size):
+        return array
+    height, width = size
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        return cv2.resize(array.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    shrink = height * width < array.shape[0] * array.shape[1]
+    return cv2.resize(array.astype(np.float32), (width, height),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def draw_boxes(image: np.ndarray, boxes: Sequence[Sequence[float]], color: Sequence[int] = (255, 255, 255),
+               thickness: int = 2, scale: float = 1.0) -> np.ndarray:
+    """A copy of the RGB image with (x0, y0, x1, y1) boxes outlined; ``scale`` maps box coordinates to
+    this image's pixels (for boxes given on a larger original)."""
+    out = _check_image(image).copy()
+    for x0, y0, x1, y1 in boxes:
+        cv2.rectangle(out, (round(x0 * scale), round(y0 * scale)), (round(x1 * scale) - 1, round(y1 * scale) - 1),
+                      tuple(int(c) for c in color), thickness)
+    return out
+
+
+def draw_marker(image: np.ndarray, point: tuple[float, float], color: Sequence[int] = (255, 255, 255)) -> np.ndarray:
+    """A copy of the RGB image with a cross at pixel (x, y), outlined in black so it shows on any colour."""
+    out = _check_image(image).copy()
+    size = max(6, round(max(out.shape[:2]) / 40))
+    centre = (round(point[0]), round(point[1]))
+    cv2.drawMarker(out, centre, (0, 0, 0), cv2.MARKER_CROSS, size + 2, 4)
+    cv2.drawMarker(out, centre, tuple(int(c) for c in color), cv2.MARKER_CROSS, size, 2)
+    return out
+
+
+def attention_tile(image: np.ndarray, row: np.ndarray, point: tuple[float, float] | None = None,
+                   border: Sequence[int] | None = None, opacity: float = 0.6) -> np.ndarray:
+    """One attention row (h, w) as a JET heatmap over the RGB image, min-max scaled per row so every
+    layer's pattern is visible; ``point`` (x, y) is marked and ``border`` frames the tile."""
+    image = _check_image(image)
+    row = np.nan_to_num(np.asarray(row, dtype=np.float32))
+    if row.ndim != 2:
+        raise ValueError(f"row must be 2-D (h, w), got shape {row.shape}")
+    span = float(row.max() - row.min())
+    scaled = (row - row.min()) / span if span > 0 else np.zeros_like(row)
+    height, width = image.shape[:2]
+    tile = overlay_cam(image, cv2.resize(scaled, (width, height), interpolation=cv2.INTER_NEAREST), opacity)
+    if point is not None:
+        tile = draw_marker(tile, point)
+    if border is not None:
+        pad = max(3, round(max(height, width) / 50))
+        tile = cv2.copyMakeBorder(tile, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=tuple(int(c) for c in border))
+    return tile
+
+
+def cam_colorbar(width: int = 320, height: int = 40) -> np.ndarray:
+    """The shared JET colour scale of every CAM view, 0 at the left to 1 at the right, with ticks."""
+    bar_height = height // 2
+    out = np.full((height, width, 3), 255, np.uint8)
+    out[:bar_height] = colorize_cam(np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (bar_height, 1)))
+    for value in (0.0, 0.5, 1.0):
+        text = f"{value:g}"
+        (tw, _), _ = cv2.getTextSize(text, _FONT, 0.4, 1)
+        x = min(max(0, round(value * (width - 1)) - tw // 2), width - tw)
+        cv2.putText(out, text, (x, height - 4), _FONT, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
+
+
+def layer_score_chart(scores: np.ndarray, keep: np.ndarray, threshold: float, width: int = 520,
+                      height: int = 220) -> np.ndarray:
+    """Bar chart of S^l for l = 1..N as an RGB image: kept layers green, rejected red, layers outside
+    N0..N (NaN) as grey bands, the selection threshold as a dashed line. The cheap twin of the
+    figure's matplotlib panel, for the interactive view."""
+    scores = np.asarray(scores, dtype=float)
+    keep = np.asarray(keep, dtype=bool)
+    if scores.ndim != 1 or keep.shape != scores.shape:
+        raise ValueError(f"scores and keep must be matching 1-D arrays, got {scores.shape} and {keep.shape}")
+    out = np.full((height, width, 3), 255, np.uint8)
+    left, right, top, bottom = 8, width - 8, 24, height - 22
+    active = np.isfinite(scores)
+    values = np.concatenate([scores[active]] + ([np.array([threshold])] if np.isfinite(threshold) else []))
+    # the axis spans the scores (not 0..max): S^l of neighbouring layers differ by far less than their size
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    pad = 0.15 * (high - low) or 0.1 * abs(high) or 1.0
+    low, high = low - pad, high + pad
+
+    def y_of(value: float) -> int:
+        return round(bottom - (value - low) / (high - low) * (bottom - top))
+
+    slot = (right - left) / max(1, scores.size)
+    for i, score in enumerate(scores):
+        x0, x1 = round(left + i * slot + slot * 0.15), round(left + (i + 1) * slot - slot * 0.15)
+        if not active[i]:
+            cv2.rectangle(out, (round(left + i * slot), top), (round(left + (i + 1) * slot) - 1, bottom),
+                          INACTIVE_RGB, -1)
+        else:
+            colour = KEPT_RGB if keep[i] else REJECTED_RGB
+            cv2.rectangle(out, (x0, y_of(score)), (x1, bottom), colour, -1)
+        label = str(i + 1)
+        (tw, _), _ = cv2.getTextSize(label, _FONT, 0.4, 1)
+        cv2.putText(out, label, (round(left + (i + 0.5) * slot - tw / 2), height - 6), _FONT, 0.4, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    cv2.line(out, (left, bottom), (right, bottom), (0, 0, 0), 1)
+    for value, y in ((high, top + 10), (low, bottom - 3)):  # the axis does not start at 0: say where it is
+        cv2.putText(out, f"{value:.6g}", (left + 2, y), _FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA)
+    title = "S^l per layer l: green kept, red rejected, grey outside N0..N"
+    if np.isfinite(threshold):
+        y = y_of(threshold)
+        for x in range(left, right, 10):
+            cv2.line(out, (x, y), (min(x + 5, right), y), (0, 0, 0), 1)
+        title += f"; threshold {threshold:.6g} dashed"
+    if not active.any():
+        title = "no layer scores (RFM needs a decoder)"
+    cv2.putText(out, title, (left, 15), _FONT, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
