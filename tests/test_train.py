@@ -171,3 +171,16 @@ def test_adapt_decoder_fits_the_image_and_replays(small_clip, samples):
     assert fresh.refine(PARAMS).cam_rfm is not None
     with pytest.raises(ValueError, match="another image"):
         fresh.show_snapshot(history[0])
+
+
+def test_trained_decoder_loads_in_the_app(small_clip, samples, tmp_path, weight_files):
+    from rfm.ui import Models
+
+    train(samples, small_clip, VOC, PARAMS, TrainConfig(steps=2, cache_features=True, **TINY), tmp_path / "run",
+          progress=False)
+    models = Models.load(clip=str(weight_files / "clip.pt"), decoder=str(tmp_path / "run" / "decoder.safetensors"),
+                         device="cpu")
+    assert models.error is None and models.decoder is not None
+    p = rfm.Predictor(models.clip, decoder=models.decoder, device="cpu", max_side=128)
+    p.set_image(load_image(samples[0].image), labels=list(samples[0].labels))
+    assert np.isfinite(p.refine(PARAMS).layer_scores[1:]).all()
