@@ -5,6 +5,10 @@ result and export folder), so two tabs never see each other's work; all sessions
 CLIP and decoder (:class:`Models`), and every model call holds its lock. The handlers are methods of
 :class:`Studio` taking and returning plain values, so tests call them without a browser. Rendering is
 ``rfm.viz`` (numpy/OpenCV); nothing here computes what the library does not expose.
+
+Decoder adaptation (``Predictor.adapt_decoder``) replaces the decoder of one session's predictor only,
+and belongs to one image: a new image (or vocabulary, or models) rebuilds the predictor with the shared
+decoder, and a class change keeps the adapted decoder but clears its replay.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from rfm import export, viz
 from rfm.backbone import ClipWeightsNotFound
 from rfm.data import ImageError, load_image
 from rfm.demo import DEMO_WARNING
+from rfm.predictor import AdaptSnapshot
 from rfm.text import COCO_CATEGORY_IDS, get_vocabulary
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -34,13 +39,16 @@ SAMPLE_CLASSES = {"astronaut": ("person",), "chelsea": ("cat",),
                   "coffee": ("cup", "spoon", "dining table", "diningtable")}
 DISPLAY_SIDE = 768  # views are drawn at most this large; exports keep the original resolution
 TILE_SIDE = 192  # attention gallery tiles
+# at most this many A_f snapshots per adaptation: each is an (n, n) float32 matrix (4 MB at 512 px), kept per session
+MAX_SNAPSHOTS = 20
 VOCABULARIES = {"VOC": "voc", "COCO": "coco", "custom": None}
 DISTANCES = [("abs — paper (Σ|A_f − A^l| < mean)", "abs"),
              ("signed — official code (Σ(A_f − A^l) ≤ mean)", "signed")]
 NO_DECODER = ("**RFM needs the WeCLIP decoder.** Its feature affinity A_f scores and weights the CLIP layers, "
               "so without it only the initial and static CAMs exist and the pseudo label comes from the static "
               "CAM. Start the app with `--decoder PATH` (an official WeCLIP `.pth`, see `checkpoints/README.md`), "
-              "or with `--demo` to explore the view with a random decoder.")
+              "or with `--demo` to explore the view with a random decoder — or fit one to this image with "
+              "*Adapt decoder to this image* below.")
 
 
 class Models:
@@ -99,6 +107,17 @@ class Session:
         self.rows = None  # attention rows of that pixel
         self.folder = Path(tempfile.mkdtemp(prefix="rfm-studio-"))
         self.saved = 0
+        # decoder adaptation: the predictor's decoder was fitted to this image (stem), in this many steps
+        self.adapted: str | None = None
+        self.adapted_steps = 0
+        self.history: list[AdaptSnapshot] = []  # [before, *snapshots]: what the replay slider walks through
+        self.losses: list[tuple[int, float, float, float]] = []  # (step, seg, aff, total) of every step
+        self.shown = 0  # index into history that refine() currently uses
+        self.adapt_note: str | None = None  # why an adaptation was dropped, said once in the status line
+
+    def clear_adaptation(self) -> None:
+        """The predictor goes (or went) back to the shared decoder: forget the adaptation entirely."""
+        self.adapted, self.adapted_steps, self.history, self.losses, self.shown = None, 0, [], [], 0
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -232,7 +251,7 @@ class Studio:
         session = session or Session()
         controls = Controls(alpha, n0, static_layers, box_threshold, bg_power, par_iterations, distance)
         with session.lock:
-            message = None
+            message, session.adapt_note = None, None
             try:
                 self._prepare(session, annotated, list(classes or []), vocabulary_spec(kind, custom), background)
                 self._refine(session, controls)
@@ -244,7 +263,9 @@ class Studio:
             names = list(session.result.class_names) if session.result else list(classes or [])
             shown = view_class if view_class in names else (names[0] if names else None)
             views = self._views(session, shown, show_auto, message)
-        return (session, *views, gr.update(choices=names, value=shown))
+            # the replay slider and loss curve disappear when a new image or class change dropped the history
+            return (session, *views, gr.update(choices=names, value=shown), gr.update(visible=bool(session.history)),
+                    self._loss_plot(session))
 
     def refine(self, session: Session | None, alpha: float, n0: float, static_layers: float, box_threshold: float,
                bg_power: float, par_iterations: float, distance: str, view_class: str | None, show_auto: bool):
@@ -294,17 +315,140 @@ class Studio:
         x, y = (v / session.scale for v in evt.index)
         return (round(x), round(y), *self.inspect(session, x, y, view_class, show_auto))
 
+    # ------------------------------------------------------------ decoder adaptation
+
+    def adapt(self, session: Session | None, steps: float, alpha: float, n0: float, static_layers: float,
+              box_threshold: float, bg_power: float, par_iterations: float, distance: str, view_class: str | None,
+              show_auto: bool, progress=gr.Progress()):
+        """Fit a copy of the decoder (a fresh one when none is loaded) to the current image with the current
+        refinement controls, then redraw with it. Holds the model lock throughout: the other sessions wait,
+        but they never see this session's decoder (``adapt_decoder`` replaces this predictor's only)."""
+        session = session or Session()
+        controls = Controls(alpha, n0, static_layers, box_threshold, bg_power, par_iterations, distance)
+        with session.lock:
+            message = None
+            try:
+                if session.result is None:
+                    raise UserMessage("Analyse an image first, then adapt the decoder to it.")
+                steps = int(steps)
+                losses: list[tuple[int, float, float, float]] = []
+
+                def report(step: int, total: int, values: dict) -> None:
+                    values = {k: float(v) for k, v in values.items()}
+                    losses.append((step, values["seg"], values["aff"], values["total"]))
+                    progress((step, total), desc=f"Adapting the decoder · loss {values['total']:.4g}", unit="steps")
+
+                progress(0, desc="Adapting the decoder")
+                with self.models.lock:
+                    if session.history:  # adapting again starts from the adapted decoder: "before" is its A_f
+                        self._show(session, len(session.history) - 1)
+                    # recorded by hand: adapt_decoder's snapshots start after its first step(s)
+                    before = session.predictor._image["aff_f"]
+                    snapshots = session.predictor.adapt_decoder(
+                        steps=steps, params=controls.params(session.boxes), callback=report,
+                        snapshot_every=max(1, math.ceil(steps / MAX_SNAPSHOTS)))
+                session.history = [AdaptSnapshot(0, {}, before), *snapshots]
+                session.losses, session.shown = losses, len(session.history) - 1
+                session.adapted, session.adapted_steps = session.stem, session.adapted_steps + steps
+                session.adapt_note = None
+                self._refine(session, controls)
+                self._refresh_rows(session)
+            except UserMessage as err:
+                message = str(err)
+            except (ValueError, TypeError, RuntimeError) as err:  # bad steps from the API, a decoder misfit
+                gr.Warning(str(err))
+                message = f"⚠️ Adaptation failed: {err}"
+            views = self._views(session, view_class, show_auto, message)
+            return (session, *views, self._replay_slider(session), self._loss_plot(session))
+
+    def replay(self, session: Session | None, index: float, alpha: float, n0: float, static_layers: float,
+               box_threshold: float, bg_power: float, par_iterations: float, distance: str,
+               view_class: str | None, show_auto: bool):
+        """Show the adaptation as it was at snapshot ``index`` (0 = before it): refine with that A_f."""
+        session = session or Session()
+        controls = Controls(alpha, n0, static_layers, box_threshold, bg_power, par_iterations, distance)
+        with session.lock:
+            message = None
+            try:
+                if not session.history:
+                    raise UserMessage("Adapt the decoder to this image first; this slider then replays it.")
+                i = min(max(int(round(float(index or 0))), 0), len(session.history) - 1)
+                with self.models.lock:
+                    self._show(session, i)
+                session.shown = i
+                self._refine(session, controls)
+                self._refresh_rows(session)
+            except UserMessage as err:
+                message = str(err)
+            except ValueError as err:
+                gr.Warning(str(err))
+                message = f"⚠️ {err}"
+            return (session, *self._views(session, view_class, show_auto, message), self._loss_plot(session))
+
+    @staticmethod
+    def _show(session: Session, i: int) -> None:
+        """Make refine() use history[i]'s A_f; the caller holds the model lock."""
+        snapshot = session.history[i]
+        if snapshot.aff_f is not None:
+            session.predictor.show_snapshot(snapshot)
+        else:  # before adapting a session that had no decoder: no A_f, so no RFM (show_snapshot needs a matrix)
+            session.predictor._image["aff_f"] = None
+
+    def _refresh_rows(self, session: Session) -> None:
+        """The inspected pixel's A_f row changes with the decoder."""
+        if session.pixel is not None:
+            with self.models.lock:
+                session.rows = session.predictor.attention_rows(*session.pixel)
+
+    @staticmethod
+    def _replay_slider(session: Session):
+        if not session.history:
+            return gr.update(visible=False)
+        last = len(session.history) - 1
+        every = session.history[1].step if last >= 1 else 1
+        return gr.update(visible=True, minimum=0, maximum=last, value=session.shown, step=1,
+                         label=f"adaptation step (replay): 0 = before, then every {every} step(s), {last} = "
+                               f"step {session.history[-1].step}, the adapted decoder")
+
+    @staticmethod
+    def _loss_plot(session: Session):
+        if not session.losses:
+            return None
+        return viz.loss_curve(session.losses, session.history[session.shown].step if session.history else None)
+
+    @staticmethod
+    def _adaptation_line(session: Session) -> str | None:
+        if not session.adapted:
+            return session.adapt_note
+        line = (f"Decoder adapted to **{html.escape(session.adapted)}** ({session.adapted_steps} steps; this session "
+                f"only, kept until a new image or vocabulary)")
+        if not session.history:
+            return line + " · replay cleared by the class change"
+        snapshot = session.history[session.shown]
+        if session.shown == 0:
+            return line + (" · replay: before adaptation" +
+                           (" (no decoder, so no RFM)" if snapshot.aff_f is None else ""))
+        losses = {k: float(v) for k, v in snapshot.losses.items()}
+        return line + (f" · replay: step {snapshot.step}/{session.history[-1].step}, loss {losses['total']:.4g} "
+                       f"(seg {losses['seg']:.4g}, aff {losses['aff']:.4g})")
+
     def _prepare(self, session: Session, annotated: dict | None, classes: list[str], spec: str,
                  background: str) -> None:
         if self.models.clip is None:
             raise UserMessage(f"⚠️ No CLIP weights loaded. {self.models.error} — or click the demo mode button.")
         key = (spec, background, self.models.version)
+        path = (annotated or {}).get("image")
+        if session.adapted and path and path != session.image_key:
+            # the adapted decoder was fitted to the previous image: a fresh predictor takes the shared one back
+            session.adapt_note = (f"New image: back to the shared decoder (the one adapted to "
+                                  f"**{html.escape(session.adapted)}** belonged to that image).")
+            session.predictor_key = None
         if session.predictor_key != key:
             words = [w.strip() for w in background.split(",") if w.strip()] if background.strip() else None
             session.predictor = rfm.Predictor(self.models.clip, vocabulary=spec, decoder=self.models.decoder,
                                               device=self.models.device, max_side=self.max_side, background=words)
             session.predictor_key, session.image_key, session.result = key, None, None
-        path = (annotated or {}).get("image")
+            session.clear_adaptation()
         if not path:
             session.image_key, session.result, session.image = None, None, None
             raise UserMessage("Upload an image or pick a sample photo.")
@@ -319,8 +463,10 @@ class Studio:
             self._set_image(session, path, classes)
         elif tuple(classes) != session.classes:
             with self.models.lock:
+                if session.history:  # the adapted decoder stays; its replay belonged to the old classes' labels
+                    self._show(session, len(session.history) - 1)
                 session.predictor.set_labels(classes)
-            session.classes, session.rows = tuple(classes), None
+            session.classes, session.rows, session.history, session.losses = tuple(classes), None, [], []
         session.boxes = self._user_boxes(session, (annotated or {}).get("boxes") or [], classes)
         if session.pixel is not None and session.rows is None:
             with self.models.lock:
@@ -364,7 +510,7 @@ class Studio:
         result = session.result
         if result is None:
             return Views(None, None, None, None, gr.update(visible=False), "", None, [], None,
-                         self._status(message, None))
+                         self._status(message, None, adaptation=self._adaptation_line(session)))
         k = result.class_names.index(view_class) if view_class in result.class_names else 0
         name = result.class_names[k]
         colour = viz.class_colors([result.class_indices[k]])[0]
@@ -387,7 +533,7 @@ class Studio:
                      self._label_view(session, result, show_auto, marker),
                      gr.update(visible=result.cam_rfm is None), self._legend(result),
                      viz.layer_score_chart(result.layer_scores, result.layer_keep, result.layer_threshold),
-                     layers, affinity, self._status(message, result, session.boxes))
+                     layers, affinity, self._status(message, result, session.boxes, self._adaptation_line(session)))
 
     @staticmethod
     def _label_view(session: Session, result, show_auto: bool, marker) -> Any:
@@ -426,10 +572,12 @@ class Studio:
         return ('<div class="legend">Pseudo label classes: ' + " &nbsp; ".join(swatches) +
                 " &nbsp; (background: no colour)</div>")
 
-    def _status(self, message: str | None, result, boxes: dict | None = None) -> str:
+    def _status(self, message: str | None, result, boxes: dict | None = None, adaptation: str | None = None) -> str:
         lines = [f"**Demo mode: {DEMO_WARNING}.**"] if self.models.demo else []
         if message:
             lines.append(message)
+        if adaptation:
+            lines.append(adaptation)
         if result is not None:
             kept = [str(l) for l, k in enumerate(result.layer_keep, start=1) if k]
             lines.append(f"Classes: {', '.join(result.class_names)} · RFM kept layers: "
@@ -584,6 +732,24 @@ def build_app(studio: Studio) -> gr.Blocks:
                                         elem_id="affinity")
                 chart = gr.Image(label="Layer scores S^l against the threshold", format="png", interactive=False,
                                  elem_id="chart")
+                with gr.Accordion("Decoder adaptation — fit the decoder to this image", open=True,
+                                  elem_id="adaptation"):
+                    gr.Markdown("Trains a copy of the decoder (a fresh one when none is loaded) on this image alone "
+                                "with WeCLIP's losses, from the cached CLIP outputs and the refinement settings above; "
+                                "the pseudo label it learns from is remade from the static CAM, then from RFM. "
+                                "Only this session uses the result, and only for this image: a new image goes "
+                                "back to the shared decoder. The slider then replays how A_f, the kept layers "
+                                "and the RFM CAM changed.")
+                    with gr.Row(equal_height=True):
+                        adapt_steps = gr.Slider(5, 200, 40, step=1, label="adaptation steps", scale=3,
+                                                elem_id="adapt-steps")
+                        adapt_button = gr.Button("Adapt decoder to this image", variant="primary", scale=1,
+                                                 elem_id="adapt")
+                    replay = gr.Slider(0, 1, 1, step=1, label="adaptation step (replay)", visible=False,
+                                       elem_id="replay")
+                    # always shown: the adaptation's progress bar is drawn here, next to the button
+                    loss_plot = gr.Image(label="Adaptation losses (the progress bar runs here)", format="png",
+                                         interactive=False, height=200, elem_id="adapt-losses")
                 with gr.Accordion("Export", open=True):
                     with gr.Row():
                         export_buttons = {name: gr.Button(text, elem_id=f"export-{name}") for name, text in (
@@ -607,7 +773,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             legend=legend, pixel_x=pixel_x, pixel_y=pixel_y, inspect_button=inspect_button, layers=layers,
             affinity=affinity, chart=chart, export_buttons=export_buttons, download=download,
             dataset_folder=dataset_folder, dataset_stem=dataset_stem, overwrite=overwrite, add_button=add_button,
-            dataset_status=dataset_status))
+            dataset_status=dataset_status, adapt_steps=adapt_steps, adapt_button=adapt_button, replay=replay,
+            loss_plot=loss_plot))
     return app
 
 
@@ -618,7 +785,8 @@ def _wire(app: gr.Blocks, studio: Studio, ui: SimpleNamespace) -> None:
     display = [ui.view_class, ui.show_auto]
     vocab = [ui.kind, ui.custom]
     analyse = dict(fn=studio.analyse, inputs=[ui.session, ui.annotator, ui.classes, *vocab, ui.background, *controls,
-                                               *display], outputs=[ui.session, *view_outputs, ui.view_class])
+                                               *display],
+                   outputs=[ui.session, *view_outputs, ui.view_class, ui.replay, ui.loss_plot])
     choose_classes = dict(fn=studio.choose_classes, inputs=[*vocab, ui.classes, ui.view_class],
                           outputs=[ui.annotator, ui.view_class], api_visibility="private")
     private = dict(api_visibility="private")
@@ -632,6 +800,12 @@ def _wire(app: gr.Blocks, studio: Studio, ui: SimpleNamespace) -> None:
     gr.on([ui.inspect_button.click, ui.pixel_x.submit, ui.pixel_y.submit], studio.inspect,
           [ui.session, ui.pixel_x, ui.pixel_y, *display], [ui.session, *view_outputs], api_name="inspect")
     ui.reset.click(studio.reset_controls, outputs=controls, api_name="reset")  # the sliders' change refines
+    ui.adapt_button.click(studio.adapt, [ui.session, ui.adapt_steps, *controls, *display],
+                          [ui.session, *view_outputs, ui.replay, ui.loss_plot], api_name="adapt",
+                          show_progress_on=[ui.loss_plot, ui.views[2]])  # one bar by the button, one on RFM
+    # input, not change: the adapt handler setting the slider to its end must not replay what it just drew
+    ui.replay.input(studio.replay, [ui.session, ui.replay, *controls, *display],
+                    [ui.session, *view_outputs, ui.loss_plot], api_name="replay", trigger_mode="always_last")
     for name, button in ui.export_buttons.items():
         button.click(getattr(studio, f"export_{name}"), [ui.session], [ui.session, ui.download],
                      api_name=f"export_{name}")

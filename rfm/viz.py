@@ -374,3 +374,43 @@ def layer_score_chart(scores: np.ndarray, keep: np.ndarray, threshold: float, wi
         title = "no layer scores (RFM needs a decoder)"
     cv2.putText(out, title, (left, 15), _FONT, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
     return out
+
+
+LOSS_RGB = {"total": (0, 0, 0), "seg": (31, 119, 180), "aff": (255, 127, 14)}  # matplotlib's default cycle
+
+
+def loss_curve(losses: Sequence[tuple[int, float, float, float]], current: int | None = None, width: int = 520,
+               height: int = 160) -> np.ndarray:
+    """Losses of a decoder adaptation as an RGB image: one (step, seg, aff, total) per step drawn as
+    total (black), segmentation (blue) and affinity (orange) lines from 0 to the largest value; the
+    replayed step ``current`` as a grey vertical line (0 = before the first step). OpenCV only."""
+    out = np.full((height, width, 3), 255, np.uint8)
+    left, right, top, bottom = 8, width - 8, 24, height - 18
+    rows = np.asarray(losses, dtype=float).reshape(-1, 4)
+    last = max(1.0, float(rows[:, 0].max())) if rows.size else 1.0
+    finite = rows[:, 1:][np.isfinite(rows[:, 1:])]
+    high = float(finite.max()) * 1.1 if finite.size and finite.max() > 0 else 1.0
+
+    def point(step: float, value: float) -> tuple[int, int]:
+        return (round(left + step / last * (right - left)),
+                round(bottom - min(max(value, 0.0), high) / high * (bottom - top)))
+
+    cv2.line(out, (left, bottom), (right, bottom), (0, 0, 0), 1)
+    if current is not None:
+        x = point(float(current), 0.0)[0]
+        cv2.line(out, (x, top), (x, bottom), (150, 150, 150), 2)
+    for column, name in ((2, "aff"), (1, "seg"), (3, "total")):  # total last: on top where they overlap
+        pts = [point(r[0], r[column]) for r in rows if np.isfinite(r[column])]
+        if len(pts) > 1:
+            cv2.polylines(out, [np.array(pts, np.int32)], False, LOSS_RGB[name], 2, cv2.LINE_AA)
+        elif pts:
+            cv2.circle(out, pts[0], 3, LOSS_RGB[name], -1)
+    cv2.putText(out, f"{high:.3g}", (left + 2, top + 10), _FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA)
+    cv2.putText(out, f"step 0..{last:.0f}", (left, height - 4), _FONT, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+    x = left
+    for name in ("total", "seg", "aff"):
+        cv2.putText(out, name, (x, 15), _FONT, 0.4, LOSS_RGB[name], 1, cv2.LINE_AA)
+        x += cv2.getTextSize(name, _FONT, 0.4, 1)[0][0] + 12
+    title = "loss per step" + ("" if current is None else f"; grey line: step {current} shown")
+    cv2.putText(out, title, (x + 8, 15), _FONT, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+    return out

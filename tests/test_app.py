@@ -322,6 +322,103 @@ def test_command_line_defaults():
         "127.0.0.1", 7860, False, False, 512, "openai")
 
 
+# ---------------------------------------------------------------- decoder adaptation
+
+
+def adapt(studio, session, steps, view_class="cat"):
+    out = studio.adapt(session, steps, *DEFAULTS, view_class, False)
+    return out[0], Views(*out[1:11]), out[11], out[12]
+
+
+def replay(studio, session, index, view_class="cat"):
+    out = studio.replay(session, index, *DEFAULTS, view_class, False)
+    return out[0], Views(*out[1:11]), out[11]
+
+
+def test_adapting_the_decoder_replays_its_steps_for_this_session_only(studio, models):
+    import torch
+
+    shared = {k: v.clone() for k, v in models.decoder.state_dict().items()}
+    session, before, _ = analyse(studio)
+    session, _ = views_of(studio.inspect(session, 200, 150, "cat", False))
+    before_rows = session.rows.decoder
+    session, views, slider, losses = adapt(studio, session, 10)
+    assert [s.step for s in session.history] == list(range(11))  # before + one snapshot per step (10 ≤ 20)
+    assert slider["visible"] is True and slider["maximum"] == 10 and slider["value"] == 10
+    assert losses.ndim == 3 and len(session.losses) == 10
+    assert "Decoder adapted to **chelsea** (10 steps" in views.status and "step 10/10" in views.status
+    assert session.predictor.decoder is not models.decoder
+    assert all(torch.equal(v, shared[k]) for k, v in models.decoder.state_dict().items())  # shared one untouched
+    assert not np.array_equal(session.rows.decoder, before_rows)  # the inspected A_f row follows the decoder
+
+    session, start, start_plot = replay(studio, session, 0)
+    assert "replay: before adaptation" in start.status and session.shown == 0
+    np.testing.assert_array_equal(session.rows.decoder, before_rows)
+    session, end, end_plot = replay(studio, session, 10)
+    np.testing.assert_array_equal(end.rfm, views.rfm)  # the end of the slider is the adapted state
+    assert not np.array_equal(start.rfm, end.rfm) and not np.array_equal(start.affinity, end.affinity)
+    np.testing.assert_array_equal(end_plot, losses)
+    assert not np.array_equal(start_plot, losses)  # the loss curve marks the step shown
+    # another session, same image: the shared decoder, as this one was before adapting
+    other, fresh, _ = analyse(studio, session=None)
+    assert other.predictor.decoder is models.decoder and other.history == []
+    np.testing.assert_array_equal(fresh.rfm, before.rfm)
+    assert "adapted" not in fresh.status
+
+
+def test_adapting_without_a_decoder_makes_rfm_appear(models):
+    studio = Studio(Models(models.clip, None), max_side=224)
+    session, views, _ = analyse(studio)
+    assert views.rfm is None and views.rfm_note["visible"] is True
+    session, views, slider, _ = adapt(studio, session, 5)
+    assert views.rfm is not None and views.rfm_note["visible"] is False
+    assert np.isfinite(session.result.layer_scores[6:]).all() and studio.models.decoder is None
+    session, start, _ = replay(studio, session, 0)
+    assert start.rfm is None and start.rfm_note["visible"] is True and "no decoder, so no RFM" in start.status
+    session, end, _ = replay(studio, session, slider["maximum"])
+    np.testing.assert_array_equal(end.rfm, views.rfm)
+
+
+def test_a_class_change_clears_the_replay_and_a_new_image_the_adaptation(models):
+    studio = Studio(models, max_side=224)
+    session, _, _ = analyse(studio)
+    session, adapted, _, _ = adapt(studio, session, 5)
+    decoder = session.predictor.decoder
+    session, _, _ = replay(studio, session, 0)  # a class change must not leave the replayed "before" A_f behind
+    out = studio.analyse(session, {"image": str(CHELSEA), "boxes": []}, ["cat", "dog"], "VOC", "", VOC_BACKGROUND,
+                         *DEFAULTS, "cat", False)
+    views, slider, losses = Views(*out[1:11]), out[12], out[13]
+    assert session.predictor.decoder is decoder and session.history == [] and session.adapted == "chelsea"
+    assert slider["visible"] is False and losses is None
+    assert "replay cleared by the class change" in views.status
+    session, views = views_of(studio.refine(session, *DEFAULTS, "cat", False))
+    session, again, _ = analyse(studio, classes=("cat",), session=session)
+    np.testing.assert_array_equal(again.rfm, adapted.rfm)  # the adapted A_f, not the replayed one
+    session, views, _ = analyse(studio, path=ASTRONAUT, classes=("person",), session=session)
+    assert session.predictor.decoder is models.decoder and session.adapted is None
+    assert "back to the shared decoder" in views.status and "**chelsea**" in views.status
+
+
+def test_adapt_and_replay_need_an_image_first(studio):
+    _, views, slider, _ = adapt(studio, None, 5)
+    assert "Analyse an image first" in views.status and slider["visible"] is False
+    session, views, _ = analyse(studio)
+    _, views, plot = replay(studio, session, 3)
+    assert "Adapt the decoder to this image first" in views.status and views.rfm is not None
+    assert plot is None
+
+
+def test_loss_curve_marks_the_replayed_step():
+    losses = [(s, 2.0 / s, 0.5, 2.0 / s + 0.05) for s in range(1, 11)]
+    curve = viz.loss_curve(losses, current=5)
+    assert curve.shape == (160, 520, 3) and curve.dtype == np.uint8
+    colours = {tuple(c) for c in curve.reshape(-1, 3)}
+    assert {viz.LOSS_RGB["seg"], viz.LOSS_RGB["aff"], (150, 150, 150)} <= colours
+    x = round(8 + 5 / 10 * (520 - 16))
+    assert (curve[40:130, x] == (150, 150, 150)).all(axis=1).sum() > 40  # the marker's vertical line
+    assert viz.loss_curve([]).shape == (160, 520, 3)
+
+
 # ---------------------------------------------------------------- the API, through gradio_client
 
 
@@ -360,6 +457,20 @@ def test_api_endpoints(server):
     label = Image.open(client.predict(api_name="/export_label"))
     assert label.mode == "P" and label.size == (451, 300)
     assert client.predict(api_name="/reset") == (2, 7, 8, 0.4, 1, 20, "abs")
+
+
+def test_adapt_and_replay_endpoints(server):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    first = client_analyse(client, CHELSEA, ["cat"])
+    adapted = client.predict(5, *DEFAULTS, "cat", False, api_name="/adapt")
+    assert "Decoder adapted to **chelsea** (5 steps" in adapted[9] and adapted[10]["value"] == 5  # slider at its end
+    assert Image.open(adapted[11]).size == (520, 160)
+    start = client.predict(0, *DEFAULTS, "cat", False, api_name="/replay")
+    assert "replay: before adaptation" in start[9]
+    np.testing.assert_array_equal(rgb(start[2]), rgb(first[2]))  # RFM view with the shared decoder again
+    assert not np.array_equal(rgb(start[2]), rgb(adapted[2]))
 
 
 def test_two_sessions_do_not_interfere(server):

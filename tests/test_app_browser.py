@@ -209,3 +209,32 @@ def test_without_weights_the_app_starts_and_offers_demo_mode(browser, tmp_path):
         context.close()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_adapt_the_decoder_and_replay_its_steps(page):
+    pick_chelsea(page)
+    assert not page.locator("#replay").is_visible()  # nothing to replay before an adaptation
+    page.locator("#view-initial img").click(position={"x": 120, "y": 90})  # the layer views follow the replay
+    page.wait_for_function("document.querySelectorAll('#layers img').length === 12")
+    set_slider(page, "adapt-steps", 10)
+    page.locator("#adapt").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Decoder adapted to chelsea')")
+    page.locator("#replay").wait_for(state="visible")
+    page.locator("#adapt-losses img").wait_for()
+    assert "step 10/10" in page.locator("#status").inner_text()
+    adapted, affinity = src(page, "view-rfm"), src(page, "affinity")
+
+    set_slider(page, "replay", 0)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('replay: before adaptation')")
+    before = wait_new_src(page, "view-rfm", adapted)
+    wait_new_src(page, "affinity", affinity)  # the A_f row of the clicked pixel, as the shared decoder had it
+    set_slider(page, "replay", 5)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('replay: step 5/10')")
+    middle = wait_new_src(page, "view-rfm", before)
+    # the shared demo decoder's A_f against the adapted one: the RFM CAM itself changed, not only the URL
+    assert np.abs(fetch_rgb(page, before).astype(int) - fetch_rgb(page, adapted)).mean() > 1
+    assert fetch_rgb(page, middle).shape == (300, 451, 3)
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#adaptation").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "app_adaptation.png"), full_page=True)
