@@ -171,9 +171,9 @@ class AttentionRows:
 class AdaptSnapshot:
     """The decoder affinity at one step of ``Predictor.adapt_decoder``, for replaying how RFM changed."""
 
-    step: int
-    losses: dict  # {"seg", "aff", "total"}
-    aff_f: torch.Tensor  # (n, n) A_f after this step
+    step: int  # 0: before adaptation
+    losses: dict  # {"seg", "aff", "total"}; empty at step 0
+    aff_f: torch.Tensor | None  # (n, n) A_f after this step; None at step 0 when there was no decoder
 
 
 class Predictor:
@@ -262,8 +262,9 @@ class Predictor:
         Uses the cached tokens and attention: no CLIP pass. The pseudo label is remade every
         ``label_every`` steps from the static refinement until ``switch_step`` (default: half the
         steps) and from RFM with the decoder's current A_f after it, as in training. ``callback(step,
-        steps, losses)`` reports progress. Returns snapshots of A_f for ``show_snapshot``; the
-        adapted decoder replaces this predictor's (other predictors sharing the original keep theirs).
+        steps, losses)`` reports progress. Returns snapshots of A_f for ``show_snapshot``, the first
+        one (step 0) the state before adaptation; the adapted decoder replaces this predictor's (other
+        predictors sharing the original keep theirs).
         """
         import copy
 
@@ -289,7 +290,8 @@ class Predictor:
             decoder = decoder.to(self.device).train()
             optimizer = make_optimizer(decoder.parameters(), lr=lr)
             box_mask = rf.box_masks(st["cams"], params.box_threshold)
-            history: list[AdaptSnapshot] = []
+            before = st["aff_f"]
+            history = [AdaptSnapshot(0, {}, None if before is None else before.cpu())]
             label = None
             for step in range(steps):
                 logits, f_u = decoder(st["patch_tokens"], st["grid"])
@@ -322,10 +324,10 @@ class Predictor:
         if self._image is None:
             raise RuntimeError("call set_image first")
         n = self._image["attn_all"].shape[-1]
-        if tuple(snapshot.aff_f.shape) != (n, n):
+        if snapshot.aff_f is not None and tuple(snapshot.aff_f.shape) != (n, n):
             raise ValueError("this snapshot belongs to another image")
         with self._lock:
-            self._image["aff_f"] = snapshot.aff_f.to(self.device)
+            self._image["aff_f"] = None if snapshot.aff_f is None else snapshot.aff_f.to(self.device)
 
     def _resolve_labels(self, labels) -> list[int]:
         if isinstance(labels, (str, int)):

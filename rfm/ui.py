@@ -342,12 +342,9 @@ class Studio:
                 with self.models.lock:
                     if session.history:  # adapting again starts from the adapted decoder: "before" is its A_f
                         self._show(session, len(session.history) - 1)
-                    # recorded by hand: adapt_decoder's snapshots start after its first step(s)
-                    before = session.predictor._image["aff_f"]
-                    snapshots = session.predictor.adapt_decoder(
+                    session.history = session.predictor.adapt_decoder(
                         steps=steps, params=controls.params(session.boxes), callback=report,
                         snapshot_every=max(1, math.ceil(steps / MAX_SNAPSHOTS)))
-                session.history = [AdaptSnapshot(0, {}, before), *snapshots]
                 session.losses, session.shown = losses, len(session.history) - 1
                 session.adapted, session.adapted_steps = session.stem, session.adapted_steps + steps
                 session.adapt_note = None
@@ -388,11 +385,7 @@ class Studio:
     @staticmethod
     def _show(session: Session, i: int) -> None:
         """Make refine() use history[i]'s A_f; the caller holds the model lock."""
-        snapshot = session.history[i]
-        if snapshot.aff_f is not None:
-            session.predictor.show_snapshot(snapshot)
-        else:  # before adapting a session that had no decoder: no A_f, so no RFM (show_snapshot needs a matrix)
-            session.predictor._image["aff_f"] = None
+        session.predictor.show_snapshot(session.history[i])
 
     def _refresh_rows(self, session: Session) -> None:
         """The inspected pixel's A_f row changes with the decoder."""

@@ -152,25 +152,31 @@ def test_adapt_decoder_fits_the_image_and_replays(small_clip, samples):
     before = _weights(shared)
     p = rfm.Predictor(small_clip, decoder=shared, device="cpu", max_side=128)
     p.set_image(load_image(samples[0].image), labels=list(samples[0].labels))
+    before_row = p.attention_rows(0, 0).decoder  # A_f row of patch 0 with the shared decoder
     progress = []
     history = p.adapt_decoder(steps=12, params=PARAMS, switch_step=12, snapshot_every=4,
                               callback=lambda step, total, losses: progress.append((step, total, losses["total"])))
-    assert [s.step for s in history] == [4, 8, 12] and [x[0] for x in progress] == list(range(1, 13))
+    assert [s.step for s in history] == [0, 4, 8, 12] and [x[0] for x in progress] == list(range(1, 13))
+    gh, gw = before_row.shape
+    assert history[0].losses == {}
+    np.testing.assert_allclose(history[0].aff_f[0].reshape(gh, gw).numpy(), before_row)  # step 0 = before
     assert progress[-1][2] < progress[0][2]
     assert all(torch.equal(v, shared.state_dict()[k]) for k, v in before.items())  # the shared decoder is untouched
     assert p.decoder is not shared
     final = p.refine(PARAMS).patch.cam_rfm
-    p.show_snapshot(history[0])
+    p.show_snapshot(history[1])
     early = p.refine(PARAMS).patch.cam_rfm
     assert not np.allclose(final, early)
     p.show_snapshot(history[-1])
     np.testing.assert_allclose(p.refine(PARAMS).patch.cam_rfm, final, atol=1e-6)
     fresh = rfm.Predictor(small_clip, device="cpu", max_side=128)  # no decoder: adaptation starts a new one
     fresh.set_image(load_image(samples[1].image), labels=list(samples[1].labels))
-    fresh.adapt_decoder(steps=2, params=PARAMS)
+    fresh_history = fresh.adapt_decoder(steps=2, params=PARAMS)
     assert fresh.refine(PARAMS).cam_rfm is not None
+    fresh.show_snapshot(fresh_history[0])  # before: there was no decoder, so no RFM
+    assert fresh.refine(PARAMS).cam_rfm is None
     with pytest.raises(ValueError, match="another image"):
-        fresh.show_snapshot(history[0])
+        fresh.show_snapshot(history[1])
 
 
 def test_trained_decoder_loads_in_the_app(small_clip, samples, tmp_path, weight_files):
