@@ -1,4 +1,5 @@
 """Shared fixtures: small random CLIPs built locally (no weights can be downloaded here) and voc-mini."""
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +47,10 @@ def weight_files(tmp_path_factory):
     Decoder(width=SMALL_CLIP["width"], num_blocks=SMALL_CLIP["layers"] - 1, embed_dim=32, heads=4,
             layers=1).save(folder / "decoder.safetensors")
     return folder
+
+
+def free_port() -> int:
+    """A localhost port nobody listens on right now, for test servers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,7 +1,6 @@
 """The web app without a browser: its handlers called directly, its API through gradio_client, and two
 clients at once. Demo models (small random CLIP + random decoder) stand in for real weights."""
 import json
-import socket
 import sys
 import threading
 import types
@@ -15,6 +14,7 @@ from PIL import Image
 import rfm
 from rfm import viz
 from rfm.ui import DISPLAY_SIDE, Models, Session, Studio, Views, build_app, sample_paths
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHELSEA = ROOT / "assets" / "chelsea.png"  # 451×300, a cat
@@ -420,12 +420,6 @@ def test_loss_curve_marks_the_replayed_step():
 
 
 # ---------------------------------------------------------------- the API, through gradio_client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 started on a free localhost port. A full-page screenshot is kept under tests/artifacts/."""
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from PIL import Image
 
 from rfm import viz
 from rfm.ui import sample_paths
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -23,12 +23,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CHELSEA = ROOT / "assets" / "chelsea.png"  # 451×300, a cat
 TIMEOUT_MS = 30_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
