@@ -27,9 +27,8 @@ import torch
 from tqdm import tqdm
 
 from .data import Sample, load_image
-from .export import atomic_write, coco_document, label_to_coco, save_cams_npy, save_coco_json, save_label_png
+from .export import coco_document, label_to_coco, save_cams_npy, save_coco_json, save_json, save_label_png
 from .predictor import Predictor, RefineParams
-from .text import COCO_CATEGORY_IDS
 
 FORMATS = ("png", "npy", "coco")
 STAGES = ("initial", "static", "rfm")
@@ -133,8 +132,7 @@ def prepare_output(out: Path, identity: dict, overwrite: bool) -> None:
     if journals.is_dir():
         for journal in journals.glob("*.jsonl"):
             journal.unlink()
-    atomic_write(manifest, lambda f: f.write(json.dumps({"version": 1, "parameters": identity}, indent=2).encode()),
-                 overwrite=True)
+    save_json({"version": 1, "parameters": identity}, manifest, overwrite=True)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -270,8 +268,7 @@ def _export_one(index: int, sample: Sample, image: np.ndarray, predictor: Predic
         written.append(save_cams_npy(out / "cams" / f"{sample.stem}.npy", result.class_indices, cams,
                                      overwrite=True))
     if "coco" in options.formats:
-        ids = COCO_CATEGORY_IDS if predictor.vocabulary.name == "coco" else None
-        category_ids = [ids[i] if ids else i + 1 for i in result.class_indices]
+        category_ids = [predictor.vocabulary.category_ids[i] for i in result.class_indices]
         image_id = sample.image_id if sample.image_id is not None else index + 1
         h, w = result.image_size
         record["coco"] = {
@@ -298,8 +295,7 @@ def _merge(out: Path, samples: list[Sample], options: ExportOptions, summaries: 
                 images.append(record["coco"]["image"])
                 annotations += record["coco"]["annotations"]
         vocab = predictor.vocabulary
-        ids = COCO_CATEGORY_IDS if vocab.name == "coco" else range(1, len(vocab) + 1)
-        categories = [{"id": cid, "name": name} for cid, name in zip(ids, vocab.class_names)]
+        categories = [{"id": cid, "name": name} for cid, name in zip(vocab.category_ids, vocab.class_names)]
         save_coco_json(coco_document(images, annotations, categories), out / "coco.json", overwrite=True)
     done = sum(s["done"] for s in summaries)
     summary = {
@@ -307,7 +303,7 @@ def _merge(out: Path, samples: list[Sample], options: ExportOptions, summaries: 
         "failed": [f for s in summaries for f in s["failed"]], "ranks": world,
         "seconds": round(seconds, 3), "images_per_second": round(done / seconds, 3) if seconds > 0 else None,
     }
-    atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()), overwrite=True)
+    save_json(summary, out / "summary.json", overwrite=True)
     return summary
 
 

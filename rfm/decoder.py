@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .export import atomic_write
+from .export import atomic_write, save_json
 
 __all__ = [
     "FORMAT",
@@ -228,7 +228,7 @@ class Decoder(nn.Module):
         header = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config}
         weights = safetensors_bytes(tensors, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
         atomic_write(path, lambda f: f.write(weights), overwrite)
-        atomic_write(config_path, lambda f: f.write((json.dumps(header, indent=2) + "\n").encode()), overwrite)
+        save_json(header, config_path, overwrite)
 
 
 def feature_affinity(f_u: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ __all__ = [
     "label_to_coco",
     "save_cams_npy",
     "save_coco_json",
+    "save_json",
     "save_label_png",
     "save_to_voc_dataset",
     "voc_palette",
@@ -252,10 +253,17 @@ def coco_document(images: list[dict], annotations: list[dict], categories: list[
     return {"images": list(images), "annotations": numbered, "categories": list(categories)}
 
 
-def save_coco_json(document: dict, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a COCO document (see :func:`coco_document`) as UTF-8 JSON."""
-    data = json.dumps(document).encode("utf-8")
+def save_json(obj: Any, path: str | os.PathLike, overwrite: bool = False, indent: int | None = 2,
+              allow_nan: bool = True) -> Path:
+    """Write ``obj`` as UTF-8 JSON through :func:`atomic_write`. ``allow_nan=False`` refuses NaN/inf
+    (strict JSON) instead of writing the non-standard ``NaN``."""
+    data = json.dumps(obj, indent=indent, allow_nan=allow_nan).encode("utf-8")
     return atomic_write(path, lambda f: f.write(data), overwrite)
+
+
+def save_coco_json(document: dict, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a COCO document (see :func:`coco_document`) as compact UTF-8 JSON."""
+    return save_json(document, path, overwrite, indent=None)
 
 
 def save_to_voc_dataset(root: str | os.PathLike, stem: str, image: np.ndarray, label: np.ndarray,

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import sys
@@ -44,7 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .data import load_npy_dict
-from .export import atomic_write
+from .export import atomic_write, save_json
 
 __all__ = [
     "EvalReport",
@@ -466,8 +465,7 @@ def report_to_dict(report: EvalReport) -> dict:
 
 def save_report_json(report: EvalReport, path: str | os.PathLike) -> Path:
     """Write :func:`report_to_dict` as UTF-8 JSON (NaN → null), atomically, replacing ``path``."""
-    data = json.dumps(report_to_dict(report), indent=2, allow_nan=False).encode("utf-8")
-    return atomic_write(path, lambda f: f.write(data), overwrite=True)
+    return save_json(report_to_dict(report), path, overwrite=True, allow_nan=False)
 
 
 def save_confusion_png(report: EvalReport, path: str | os.PathLike) -> Path:

@@ -270,6 +270,7 @@ class Predictor:
 
         from .decoder import Decoder, feature_affinity
         from .losses import make_optimizer, poly_warmup_lr, weclip_loss
+        from .train import Crop, pseudo_label_of
 
         params = params or RefineParams()
         if self._image is None or "cams" not in self._image:
@@ -289,7 +290,9 @@ class Predictor:
                                  f"vocabulary needs {len(self.vocabulary) + 1}")
             decoder = decoder.to(self.device).train()
             optimizer = make_optimizer(decoder.parameters(), lr=lr)
-            box_mask = rf.box_masks(st["cams"], params.box_threshold)
+            # the whole image as the training view: the same pseudo-label recipe as rfm train
+            view = Crop(tokens=st["patch_tokens"], attn=st["attn_all"], cams=st["cams"], image=st["work_image"],
+                        valid=np.ones(st["work_image"].shape[:2], bool), grid=st["grid"], labels=tuple(st["indices"]))
             before = st["aff_f"]
             history = [AdaptSnapshot(0, {}, None if before is None else before.cpu())]
             label = None
@@ -298,9 +301,7 @@ class Predictor:
                 aff = feature_affinity(f_u)
                 if label is None or step % label_every == 0 or step == switch_step:
                     with torch.no_grad():
-                        stages = refine_stages(st["cams"], st["attn_all"], aff[0].detach().float(), params, box_mask)
-                        cams = stages.rfm if step >= switch_step else stages.static
-                        label = pseudo_label(par_probs(st["work_image"], cams, params), st["indices"])
+                        label, _ = pseudo_label_of(view, aff[0].detach().float(), params, step >= switch_step)
                 loss, losses = weclip_loss(logits, aff, label[None].to(logits.device), st["grid"])
                 for group in optimizer.param_groups:
                     group["lr"] = poly_warmup_lr(step, lr, steps, warmup_steps=min(50, steps // 10))
@@ -347,7 +348,6 @@ class Predictor:
         self._image["indices"] = indices
         self._image["cams"] = cam.cams.float()
         self._image["attn_all"] = torch.cat([self._image["attn"], cam.attn_last[None].float()])  # (N, n, n)
-        self._image["class_probs"] = cam.probs
 
     # ------------------------------------------------------------ stages 4–6
 
@@ -370,8 +370,8 @@ class Predictor:
         user_boxes = self._user_boxes(params.boxes, indices, (height, width))
         cams, attn, aff_f = st["cams"], st["attn_all"], st["aff_f"]
 
-        auto = [rf.auto_boxes_from_cam(c, params.box_threshold) for c in cams]
-        box_mask = rf.box_masks(cams, params.box_threshold)
+        auto = [rf.auto_boxes_from_cam(c, params.box_threshold) for c in cams.cpu()]
+        box_mask = rf.masks_from_boxes(auto, grid).to(cams.device)
         for k, boxes in user_boxes.items():
             box_mask[k] = rf.boxes_to_patch_mask(boxes, (height, width), grid).to(box_mask.device)
         clip_mask = box_mask.clone()

@@ -195,10 +195,17 @@ def box_masks(cams: Tensor, threshold: float) -> Tensor:
     """B_c = box_mask_from_cam(M_c, λ) for every class. cams: (K, h, w) -> (K, h, w) bool."""
     if cams.dim() != 3:
         raise ValueError(f"cams must be (K, h, w), got {tuple(cams.shape)}")
-    masks = np.zeros(tuple(cams.shape), dtype=bool)  # (K, h, w)
-    for mask, cam in zip(masks, cams.detach().cpu()):  # one device transfer for all classes
-        _fill_boxes(mask, auto_boxes_from_cam(cam, threshold))
-    return torch.from_numpy(masks).to(cams.device)
+    boxes = [auto_boxes_from_cam(cam, threshold) for cam in cams.detach().cpu()]  # one device transfer
+    return masks_from_boxes(boxes, tuple(cams.shape[1:])).to(cams.device)
+
+
+def masks_from_boxes(boxes_per_class, grid: tuple[int, int]) -> Tensor:
+    """(K, h, w) bool: for each class the union of its patch-grid boxes (x0, y0, x1, y1), exclusive ends,
+    as returned by :func:`auto_boxes_from_cam`."""
+    masks = np.zeros((len(boxes_per_class), *grid), dtype=bool)
+    for mask, boxes in zip(masks, boxes_per_class):
+        _fill_boxes(mask, boxes)
+    return torch.from_numpy(masks)
 
 
 def boxes_to_patch_mask(boxes, image_size: tuple[int, int], grid: tuple[int, int]) -> Tensor:

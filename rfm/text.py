@@ -92,6 +92,11 @@ class Vocabulary:
                     return i
         raise ValueError(f"unknown class {label!r} for vocabulary {self.name!r}; known: {', '.join(self.class_names)}")
 
+    @property
+    def category_ids(self) -> tuple[int, ...]:
+        """COCO JSON category id of each class: COCO's own ids for the COCO vocabulary, else index + 1."""
+        return COCO_CATEGORY_IDS if self.name == "coco" else tuple(range(1, len(self.class_names) + 1))
+
     def prompts(self, words: Sequence[str]) -> list[str]:
         return [self.template.format(w) for w in words]
 

@@ -34,7 +34,7 @@ from .backbone import FrozenClip, forward_blocks, network_size, resize_image, to
 from .cam import initial_cam
 from .data import Sample, load_image
 from .decoder import Decoder, feature_affinity, load_decoder
-from .export import atomic_write
+from .export import atomic_write, save_json
 from .losses import make_optimizer, poly_warmup_lr, weclip_loss
 from .par import pseudo_label
 from .predictor import RefineParams, par_probs, refine_stages
@@ -175,7 +175,7 @@ class FeatureCache:
             for key, path in self._paths(sample.stem).items():
                 atomic_write(path, lambda f, a=arrays[key]: np.save(f, a), overwrite=True)
             known["labels"][sample.stem] = list(sample.labels)
-            atomic_write(meta_path, lambda f: f.write(json.dumps(known).encode()), overwrite=True)
+            save_json(known, meta_path, overwrite=True, indent=None)
 
     def view(self, sample: Sample, config: TrainConfig, gen: torch.Generator) -> Crop:
         """A random crop window and flip of the cached image, applied to tokens, attention, CAMs and pixels."""

@@ -31,7 +31,7 @@ from rfm.backbone import ClipWeightsNotFound
 from rfm.data import ImageError, load_image
 from rfm.demo import DEMO_WARNING
 from rfm.predictor import AdaptSnapshot
-from rfm.text import COCO_CATEGORY_IDS, get_vocabulary
+from rfm.text import get_vocabulary
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Classes worth trying on each sample photo (assets/README.md); only those in the vocabulary are preselected.
@@ -613,8 +613,7 @@ class Studio:
     def export_coco(self, session: Session | None):
         """COCO JSON with one RLE mask per class present in the pseudo label."""
         def write(r):
-            coco = session.predictor.vocabulary.name == "coco"
-            ids = [COCO_CATEGORY_IDS[i] if coco else i + 1 for i in r.class_indices]
+            ids = [session.predictor.vocabulary.category_ids[i] for i in r.class_indices]
             height, width = r.image_size
             doc = export.coco_document(
                 [{"id": 0, "file_name": f"{session.stem}.png", "height": height, "width": width}],
