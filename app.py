@@ -1,4 +1,4 @@
-"""RFM studio web app: ``python app.py [--clip openai|PATH] [--decoder PATH] [--demo] …``
+"""RFM studio web app: ``python app.py [--clip auto|openai|synthetic|PATH] [--decoder PATH] [--demo] …``
 serves http://127.0.0.1:7860."""
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="RFM studio: see and use CAM refinement in the browser.")
-    p.add_argument("--clip", default="openai",
-                   help="'openai' (checkpoints/ViT-B-16.pt, downloaded there if missing) or a path to an "
-                        "OpenAI-format CLIP file (default openai)")
-    p.add_argument("--decoder", default=None, help="WeCLIP decoder checkpoint; without it the RFM view stays empty")
+    p.add_argument("--clip", default="auto",
+                   help="'auto' (default: checkpoints/ViT-B-16.pt when present, else the built-in CLIP), 'openai' "
+                        "(checkpoints/ViT-B-16.pt, downloaded there if missing), 'synthetic' (the built-in small CLIP "
+                        "trained on generated scenes, with its decoder) or a path to an OpenAI-format CLIP file")
+    p.add_argument("--decoder", default=None,
+                   help="WeCLIP decoder checkpoint or 'synthetic'; without one the RFM view stays empty "
+                        "(the built-in CLIP brings its own)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")

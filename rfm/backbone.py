@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+from .paths import CHECKPOINT_DIR, REMAKE_HINT, SYNTHETIC_CLIP
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -202,6 +202,8 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str | os.PathLike = "ope
               cache_dir: str | os.PathLike | None = None) -> FrozenClip:
     """Load a frozen CLIP.
 
+    ``pretrained="synthetic"`` is the built-in small CLIP trained on ``rfm.synthetic`` scenes
+    (``assets/synthetic/clip.pt``, an OpenAI-format state dict read by the same path as any other).
     ``pretrained="openai"`` uses ``<cache_dir>/<model_name>.pt`` when present, else downloads OpenAI's
     file into ``cache_dir`` (default ``checkpoints/``) through open_clip. Any other value is a path to
     an OpenAI-format checkpoint: the TorchScript ``ViT-B-16.pt`` that CLIP-ES and WeCLIP use, or a plain
@@ -212,6 +214,10 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str | os.PathLike = "ope
         path = cache_dir / f"{model_name}.pt"
         if not path.is_file():
             path = _download_openai(model_name, cache_dir)
+    elif str(pretrained) == "synthetic":
+        path, model_name = SYNTHETIC_CLIP, "synthetic"
+        if not path.is_file():
+            raise ClipWeightsNotFound(f"the built-in CLIP {path} is missing; {REMAKE_HINT}")
     else:
         path = Path(pretrained)
         if not path.is_file():

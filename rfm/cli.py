@@ -47,12 +47,17 @@ def _params(args, vocabulary: str, boxes=None):
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--vocab", default="voc", help="'voc', 'coco' or comma-separated class words (default voc)")
+    g.add_argument("--vocab", default=None,
+                   help="'voc', 'coco', 'synthetic' or comma-separated class words "
+                        "(default voc; synthetic with --clip synthetic; coco with --coco)")
     g.add_argument("--background", default=None, help="comma-separated background words replacing the vocabulary's")
     g.add_argument("--clip", default="openai",
-                   help="'openai' (checkpoints/ViT-B-16.pt, downloaded if missing) or a path to an OpenAI-format file")
+                   help="'openai' (checkpoints/ViT-B-16.pt, downloaded if missing), 'synthetic' (the built-in "
+                        "small CLIP of generated scenes, with its decoder) or a path to an OpenAI-format file")
     g.add_argument("--model", default="ViT-B-16", help="CLIP architecture name for --clip openai (default ViT-B-16)")
-    g.add_argument("--decoder", default=None, help="WeCLIP decoder checkpoint (.pth from the official code, or .safetensors)")
+    g.add_argument("--decoder", default=None,
+                   help="WeCLIP decoder checkpoint (.pth from the official code, or .safetensors), or 'synthetic' "
+                        "(default with --clip synthetic, except for rfm train, which starts a fresh decoder)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present)")
     g.add_argument("--max-side", type=int, default=512, help="long side the image is scaled down to (default 512)")
 
@@ -70,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refine_flags(run)
     _add_export_parser(sub)
     _add_train_parser(sub)
+    _add_synth_parser(sub)
     from .metrics import add_eval_parser
 
     add_eval_parser(sub)
@@ -95,8 +101,7 @@ def _dataset(args):
     sources = [bool(args.voc), bool(args.images and args.labels), bool(args.coco)]
     if sum(sources) != 1 or (args.coco and not args.images):
         raise ValueError("give exactly one dataset: --voc ROOT | --images DIR --labels FILE | --coco FILE --images DIR")
-    vocab_spec = "coco" if args.coco and args.vocab == "voc" else args.vocab
-    vocab = get_vocabulary(vocab_spec, args.background.split(",") if args.background else None)
+    vocab = get_vocabulary(args.vocab, args.background.split(",") if args.background else None)
     if args.voc:
         return vocab, voc_samples(args.voc, args.split, args.labels_from, vocab)
     if args.coco:
@@ -105,9 +110,24 @@ def _dataset(args):
 
 
 def _clip_file(args) -> Path:
-    from .backbone import CHECKPOINT_DIR
+    from .paths import CHECKPOINT_DIR, SYNTHETIC_CLIP
 
-    return CHECKPOINT_DIR / f"{args.model}.pt" if str(args.clip) == "openai" else Path(args.clip)
+    named = {"openai": CHECKPOINT_DIR / f"{args.model}.pt", "synthetic": SYNTHETIC_CLIP}
+    return named.get(str(args.clip), Path(args.clip))
+
+
+def _decoder_file(args) -> Path | None:
+    from .paths import SYNTHETIC_DECODER
+
+    return None if not args.decoder else SYNTHETIC_DECODER if args.decoder == "synthetic" else Path(args.decoder)
+
+
+def _resolve_model_defaults(args) -> None:
+    """Defaults that depend on other flags: the vocabulary and decoder of --clip synthetic, COCO's vocabulary."""
+    if args.vocab is None:
+        args.vocab = "synthetic" if args.clip == "synthetic" else "coco" if getattr(args, "coco", None) else "voc"
+    if args.decoder is None and args.clip == "synthetic" and args.command != "train":
+        args.decoder = "synthetic"
 
 
 def _add_export_parser(sub) -> None:
@@ -145,7 +165,7 @@ def cmd_export(args) -> int:
                             cam_stage=args.cam_stage or ("rfm" if decoder is not None else "static"),
                             confidence=args.confidence, figures=args.figures, workers=args.workers,
                             overwrite=args.overwrite)
-    identity = run_identity(params, options, clip_file, Path(args.decoder) if args.decoder else None, predictor)
+    identity = run_identity(params, options, clip_file, _decoder_file(args), predictor)
     summary = export_dataset(samples, predictor, params, args.out, options, identity, dist)
     if dist.rank == 0:
         print(f"done {summary['done']}, skipped {summary['skipped']} (already finished), "
@@ -211,6 +231,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_synth_parser(sub) -> None:
+    p = sub.add_parser("synth", help="generate scenes with known ground truth (the built-in model's world)",
+                       description="Write generated scenes as a VOC-layout folder: JPEGImages/, SegmentationClass/ "
+                                   "(palette PNGs, class index + 1, 255 outline band), Annotations/*.xml and "
+                                   "ImageSets/Segmentation/SPLIT.txt. Use with --vocab synthetic (or --clip synthetic).")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num", type=int, required=True, help="number of scenes")
+    p.add_argument("--seed", type=int, default=0, help="scene seed (default 0); the built-in CLIP was trained on "
+                                                       "seed 1 and its decoder on seed 3, benchmarked on seed 2")
+    p.add_argument("--start", type=int, default=0, help="first scene index (default 0)")
+    p.add_argument("--split", default="all", help="name of the split file written (default all)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite scenes whose files exist")
+
+
+def cmd_synth(args) -> int:
+    from .synthetic import write_dataset
+
+    stems = write_dataset(args.out, args.num, seed=args.seed, split=args.split, start=args.start,
+                          overwrite=args.overwrite)
+    print(f"{len(stems)} scenes in {args.out} (split {Path(args.out) / 'ImageSets/Segmentation' / (args.split + '.txt')})")
+    return 0
+
+
 def _labels(text: str) -> list:
     return [int(t) if t.strip().isdigit() else t.strip() for t in text.split(",") if t.strip()]
 
@@ -258,10 +301,13 @@ def main(argv=None) -> int:
     # open_clip's tokenizer scripts a function at import; the deprecation notice is noise for users
     warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    if hasattr(args, "clip"):
+        _resolve_model_defaults(args)
     try:
         from .metrics import eval_main
 
-        return {"run": cmd_run, "export": cmd_export, "train": cmd_train, "eval": eval_main}[args.command](args)
+        return {"run": cmd_run, "export": cmd_export, "train": cmd_train, "synth": cmd_synth,
+                "eval": eval_main}[args.command](args)
     except KeyboardInterrupt:
         print("rfm: interrupted", file=sys.stderr)
         return 130

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .export import atomic_write, save_json
+from .paths import REMAKE_HINT, SYNTHETIC_DECODER
 
 __all__ = [
     "FORMAT",
@@ -357,12 +358,17 @@ def _official_decoder_state(obj, path: Path) -> dict[str, Tensor]:
 
 
 def load_decoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Decoder:
-    """Load a decoder checkpoint (project .safetensors + .json, or an official WeCLIP .pth).
+    """Load a decoder checkpoint (project .safetensors + .json, or an official WeCLIP .pth);
+    ``"synthetic"`` is the built-in decoder of the built-in CLIP (``assets/synthetic/``).
 
     PyTorch files are read with torch.load(weights_only=True) only; a file that needs to unpickle
     anything but tensors and plain containers is refused. Returns the decoder in eval() mode on
     `map_location`.
     """
+    if str(path) == "synthetic":
+        if not SYNTHETIC_DECODER.is_file():
+            raise FileNotFoundError(f"the built-in decoder {SYNTHETIC_DECODER} is missing; {REMAKE_HINT}")
+        path = SYNTHETIC_DECODER
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"decoder checkpoint {path} not found")

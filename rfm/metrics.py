@@ -241,7 +241,7 @@ class EvalReport:
 
 
 def resolve_class_names(spec: str | Sequence[str] | None, num_classes: int | None = None) -> tuple[str, ...]:
-    """Class names with background first: 'voc' (21), 'coco' (81), 'a,b,c' or a sequence of
+    """Class names with background first: 'voc' (21), 'coco' (81), 'synthetic' (13), 'a,b,c' or a sequence of
     foreground names (background is prepended), or None: VOC for 21 classes, COCO for 81,
     else 'class 1'… ``num_classes``, when given, must match."""
     if spec is None:
@@ -254,10 +254,10 @@ def resolve_class_names(spec: str | Sequence[str] | None, num_classes: int | Non
                 raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
             return ("background",) + tuple(f"class {i}" for i in range(1, num_classes))
     if isinstance(spec, str):
-        if spec.lower() in ("voc", "coco"):
-            from .text import COCO_CLASSES, VOC_CLASSES
+        if spec.lower() in ("voc", "coco", "synthetic"):
+            from .text import NAMED
 
-            names = ("background",) + (VOC_CLASSES if spec.lower() == "voc" else COCO_CLASSES)
+            names = ("background",) + NAMED[spec.lower()].class_names
         else:
             names = ("background",) + tuple(n.strip() for n in spec.split(",") if n.strip())
     else:

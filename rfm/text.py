@@ -7,6 +7,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .synthetic import BACKGROUNDS as SYNTHETIC_BACKGROUND
+from .synthetic import CLASSES as SYNTHETIC_CLASSES
+
 TEMPLATE = "a clean origami {}."
 
 VOC_CLASSES = (
@@ -106,19 +109,22 @@ VOC = Vocabulary("voc", VOC_CLASSES, VOC_PROMPTS, VOC_BACKGROUND)
 COCO = Vocabulary("coco", COCO_CLASSES, COCO_PROMPTS, COCO_BACKGROUND, aliases=(
     ("aeroplane", "airplane"), ("motorbike", "motorcycle"), ("sofa", "couch"), ("pottedplant", "potted plant"),
     ("diningtable", "dining table"), ("tvmonitor", "tv")))
+# The world of rfm.synthetic: the built-in CLIP was trained on its words, with CLIP-ES's template.
+SYNTHETIC = Vocabulary("synthetic", SYNTHETIC_CLASSES, SYNTHETIC_CLASSES, SYNTHETIC_BACKGROUND)
+NAMED = {"voc": VOC, "coco": COCO, "synthetic": SYNTHETIC}
 
 
 def get_vocabulary(spec: str | Vocabulary | Sequence[str] = "voc",
                    background: Sequence[str] | None = None) -> Vocabulary:
-    """"voc", "coco", a comma-separated string of class words, a list of words, or a Vocabulary.
+    """"voc", "coco", "synthetic", a comma-separated string of class words, a list of words, or a Vocabulary.
 
     ``background`` replaces the background words. A user-defined vocabulary starts from the VOC
     background list minus any word that is one of its classes.
     """
     if isinstance(spec, Vocabulary):
         vocab = spec
-    elif isinstance(spec, str) and spec.strip().lower() in ("voc", "coco"):
-        vocab = VOC if spec.strip().lower() == "voc" else COCO
+    elif isinstance(spec, str) and spec.strip().lower() in NAMED:
+        vocab = NAMED[spec.strip().lower()]
     else:
         words = [w.strip() for w in (spec.split(",") if isinstance(spec, str) else spec)]
         words = [w for w in words if w]

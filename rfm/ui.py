@@ -33,7 +33,16 @@ from rfm.demo import DEMO_WARNING
 from rfm.predictor import AdaptSnapshot
 from rfm.text import get_vocabulary
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+from rfm.paths import ASSETS_DIR as ASSETS
+from rfm.paths import CHECKPOINT_DIR, SYNTHETIC_DIR
+
+# Generated scenes shown first in the gallery (an `rfm synth` folder: their classes come from its XML).
+SCENE_SAMPLES = SYNTHETIC_DIR / "samples"
+BUILTIN_NOTE = ("**Built-in model:** a small CLIP (ViT, 12 blocks, patch 16, width 128) and its WeCLIP decoder, "
+                "trained on this machine on generated scenes (`rfm synth`; see `assets/synthetic/README.md`). "
+                "It knows the synthetic vocabulary's 12 objects and 8 backgrounds; real photographs mean little "
+                "to it. For real photos put OpenAI's `ViT-B-16.pt` at `checkpoints/ViT-B-16.pt` and restart, or "
+                "start with `--clip PATH`.")
 # Classes worth trying on each sample photo (assets/README.md); only those in the vocabulary are preselected.
 SAMPLE_CLASSES = {"astronaut": ("person",), "chelsea": ("cat",),
                   "coffee": ("cup", "spoon", "dining table", "diningtable")}
@@ -41,7 +50,7 @@ DISPLAY_SIDE = 768  # views are drawn at most this large; exports keep the origi
 TILE_SIDE = 192  # attention gallery tiles
 # at most this many A_f snapshots per adaptation: each is an (n, n) float32 matrix (4 MB at 512 px), kept per session
 MAX_SNAPSHOTS = 20
-VOCABULARIES = {"VOC": "voc", "COCO": "coco", "custom": None}
+VOCABULARIES = {"Synthetic": "synthetic", "VOC": "voc", "COCO": "coco", "custom": None}
 DISTANCES = [("abs — paper (Σ|A_f − A^l| < mean)", "abs"),
              ("signed — official code (Σ(A_f − A^l) ≤ mean)", "signed")]
 NO_DECODER = ("**RFM needs the WeCLIP decoder.** Its feature affinity A_f scores and weights the CLIP layers, "
@@ -55,22 +64,30 @@ class Models:
     """The CLIP and decoder every session shares, the lock that serialises model calls, and why
     weights are missing when they are."""
 
-    def __init__(self, clip=None, decoder=None, *, demo: bool = False, error: str | None = None, device=None):
+    def __init__(self, clip=None, decoder=None, *, demo: bool = False, error: str | None = None, device=None,
+                 builtin: bool = False):
         self.clip, self.decoder, self.demo, self.error, self.device = clip, decoder, demo, error, device
+        self.builtin = builtin  # the synthetic-scene CLIP: the app starts on its vocabulary and scenes
         self.lock = threading.Lock()
         self.version = 0  # bumped when the models change, so sessions rebuild their predictors
 
     @classmethod
-    def load(cls, clip: str = "openai", decoder: str | None = None, device=None, demo: bool = False) -> "Models":
-        """Load real weights, or demo models with ``demo``; missing CLIP weights leave the app usable
-        (the banner shows ``error`` and offers demo mode) instead of crashing it."""
+    def load(cls, clip: str = "auto", decoder: str | None = None, device=None, demo: bool = False) -> "Models":
+        """Load weights, or demo models with ``demo``. ``clip="auto"`` is OpenAI's ViT-B/16 when
+        ``checkpoints/ViT-B-16.pt`` exists, else the built-in synthetic-scene CLIP with its decoder.
+        Missing CLIP weights leave the app usable (the banner shows ``error`` and offers demo mode)."""
         if demo:
             return cls.from_demo(device)
+        if clip == "auto":
+            clip = "openai" if (CHECKPOINT_DIR / "ViT-B-16.pt").is_file() else "synthetic"
+        builtin = clip == "synthetic"
+        if builtin and decoder is None:
+            decoder = "synthetic"
         try:
             model = rfm.load_clip("ViT-B-16", pretrained=clip, device=device)
         except ClipWeightsNotFound as err:
             return cls(error=str(err), device=device)
-        return cls(model, rfm.load_decoder(decoder) if decoder else None, device=device)
+        return cls(model, rfm.load_decoder(decoder) if decoder else None, device=device, builtin=builtin)
 
     @classmethod
     def from_demo(cls, device=None) -> "Models":
@@ -171,7 +188,24 @@ class UserMessage(Exception):
 
 
 def sample_paths() -> list[Path]:
-    return sorted(p for p in ASSETS.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    """Generated scenes first, then the photos of assets/."""
+    def images(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+    return images(SCENE_SAMPLES / "JPEGImages") + images(ASSETS)
+
+
+def sample_classes(path: Path) -> tuple[str, ...]:
+    """Classes worth trying on a sample: a generated scene's annotation, or the list for a photo."""
+    xml = path.parent.parent / "Annotations" / f"{path.stem}.xml"
+    if xml.is_file():
+        from rfm.data import xml_labels
+
+        vocabulary = get_vocabulary("synthetic")
+        return tuple(vocabulary.class_names[i] for i in xml_labels(xml, vocabulary))
+    return SAMPLE_CLASSES.get(path.stem, ())
 
 
 def vocabulary_spec(kind: str, custom: str) -> str:
@@ -233,7 +267,7 @@ class Studio:
             names = get_vocabulary(vocabulary_spec(kind, custom)).class_names
         except ValueError:
             names = ()
-        suggested = [c for c in SAMPLE_CLASSES.get(path.stem, ()) if c in names]
+        suggested = [c for c in sample_classes(path) if c in names]
         return {"image": str(path), "boxes": []}, gr.update(value=suggested)
 
     @staticmethod
@@ -660,6 +694,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     "CLIP-ES initial CAM → static refinement → WeCLIP's RFM → AFA's PAR pseudo label.")
         demo_banner = gr.Markdown(f"## ⚠️ Demo mode: {DEMO_WARNING}. Every view works; nothing in it means "
                                   f"anything.", visible=studio.models.demo, elem_id="demo-banner")
+        gr.Markdown(BUILTIN_NOTE, visible=studio.models.builtin, elem_id="builtin-banner")
         with gr.Group(visible=studio.models.clip is None, elem_id="weights-banner") as weights_banner:
             weights_message = gr.Markdown(studio.banners()[2])
             demo_button = gr.Button("Explore in demo mode (random weights — heatmaps are meaningless)",
@@ -670,14 +705,15 @@ def build_app(studio: Studio) -> gr.Blocks:
                     label="Image — draw boxes to confine a class (pick the box's class when asked)",
                     image_type="filepath", label_list=[], sources=["upload", "clipboard"],
                     show_remove_button=True, box_min_size=4, elem_id="annotator")
-                samples = gr.Gallery([str(p) for p in sample_paths()], label="Sample photos (click one)",
+                samples = gr.Gallery([str(p) for p in sample_paths()], label="Samples: generated scenes, then photos (click one)",
                                      columns=3, height=130, allow_preview=False, elem_id="samples")
-                kind = gr.Radio(list(VOCABULARIES), value="VOC", label="Vocabulary", elem_id="vocabulary")
+                start = "Synthetic" if studio.models.builtin else "VOC"
+                kind = gr.Radio(list(VOCABULARIES), value=start, label="Vocabulary", elem_id="vocabulary")
                 custom = gr.Textbox(label="Custom classes (comma-separated)", placeholder="lamp, mug, desk",
                                     visible=False, elem_id="custom-words")
-                background = gr.Textbox(", ".join(get_vocabulary("voc").background), lines=2, elem_id="background",
-                                        label="Background words (comma-separated; Enter to apply)")
-                classes = gr.Dropdown(list(get_vocabulary("voc").class_names), value=[], multiselect=True,
+                background = gr.Textbox(", ".join(get_vocabulary(VOCABULARIES[start]).background), lines=2,
+                                        elem_id="background", label="Background words (comma-separated; Enter to apply)")
+                classes = gr.Dropdown(list(get_vocabulary(VOCABULARIES[start]).class_names), value=[], multiselect=True,
                                       label="Classes in the image", elem_id="classes")
                 with gr.Accordion("Refinement", open=True):
                     alpha = gr.Slider(1, 4, d.alpha, step=1, label="α (matrix power)", elem_id="alpha")
