@@ -40,6 +40,7 @@ from rfm.synthetic import write_dataset  # noqa: E402
 from rfm.text import get_vocabulary, text_features  # noqa: E402
 
 INITIAL_POWERS = tuple(range(1, 11))
+AUC_PAIRS = 20000  # patch pairs sampled per image for the affinity AUCs
 REFINED_POWERS = (1, 2)
 
 
@@ -76,6 +77,52 @@ def pooled_feature(clip, image: np.ndarray, max_side: int) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled_image_features(clip, x).float(), dim=-1)[0]
 
 
+def patch_labels(gt: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(h·w,) ground-truth class at each patch centre (255 on the outline band)."""
+    h, w = grid
+    rows = ((np.arange(h) + 0.5) * gt.shape[0] / h).astype(int)
+    cols = ((np.arange(w) + 0.5) * gt.shape[1] / w).astype(int)
+    return gt[rows][:, cols].reshape(-1)
+
+
+def pair_auc(aff: np.ndarray, same: np.ndarray) -> float:
+    """Mann–Whitney AUC: how well affinity values rank same-class pairs above different-class pairs."""
+    ranks = np.empty(len(aff))
+    ranks[np.argsort(aff, kind="stable")] = np.arange(1, len(aff) + 1)
+    pos = same.sum()
+    neg = len(same) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    return float((ranks[same].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def affinity_aucs(predictor, result, gt: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
+    """AUC of A_f, of each block's attention A^l (symmetrised), of the static mean and of R, on sampled pairs.
+
+    Reads the predictor's cached stage 1–3 tensors (the benchmark looks inside on purpose)."""
+    from rfm import refine as rf
+
+    cache = predictor._image
+    labels = patch_labels(gt, cache["grid"])
+    valid = np.flatnonzero(labels != 255)
+    i, j = rng.choice(valid, AUC_PAIRS), rng.choice(valid, AUC_PAIRS)
+    keep = i != j
+    i, j = i[keep], j[keep]
+    same = labels[i] == labels[j]
+    attn = cache["attn_all"].float()
+    maps = {f"A^{l + 1}": attn[l] for l in range(attn.shape[0])}
+    maps["static mean"] = rf.static_affinity(attn, 8)
+    if cache["aff_f"] is not None:
+        maps["A_f"] = cache["aff_f"]
+        r, _ = rf.rfm_affinity(cache["aff_f"], attn, torch.as_tensor(result.layer_keep), result.params.n0)
+        maps["R (RFM)"] = r
+    out = {}
+    for name, m in maps.items():
+        sym = (m + m.T).cpu().numpy()
+        out[name] = pair_auc(sym[i, j], same)
+    return out
+
+
 def load_models(args):
     if args.clip == "random":
         return rfm.demo.random_builtin_like(device=args.device)
@@ -92,6 +139,7 @@ def main(argv=None) -> dict:
     p.add_argument("--clip", default="synthetic", help="synthetic (default), random, or a CLIP path")
     p.add_argument("--decoder", default="synthetic", help="synthetic (default), none, or a decoder path")
     p.add_argument("--device", default=None)
+    p.add_argument("--max-side", type=int, default=512, help="the predictor's max_side (default 512, as the app)")
     p.add_argument("--no-ablations", action="store_true", help="skip the N0 and α tables")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
@@ -102,12 +150,16 @@ def main(argv=None) -> dict:
     vocab = get_vocabulary("synthetic")
     samples = voc_samples(args.data, args.data / "ImageSets" / "Segmentation" / f"{split}.txt", "xml", vocab)
     clip, decoder = load_models(args)
-    predictor = rfm.Predictor(clip, vocabulary=vocab, decoder=decoder, device=args.device)
+    if args.clip == "random":
+        args.decoder = "random"
+    predictor = rfm.Predictor(clip, vocabulary=vocab, decoder=decoder, device=args.device, max_side=args.max_side)
     params = official_params("synthetic")
     prompts = text_features(clip, vocab.prompt_names, vocab.template)  # (C, E)
     scores = Scores(len(vocab) + 1)
     zero_shot = {"exact": 0, "top1": 0}
     kept = np.zeros(clip.num_blocks)
+    aucs: dict[str, list[float]] = {}
+    rng = np.random.default_rng(0)
     t0 = time.time()
     from tqdm import tqdm
 
@@ -129,6 +181,8 @@ def main(argv=None) -> dict:
         if result.cam_rfm is None:
             continue
         kept += np.asarray(result.layer_keep, float)
+        for name, value in affinity_aucs(predictor, result, gt, rng).items():
+            aucs.setdefault(name, []).append(value)
         scores.add_cams("rfm", result.cam_rfm, keys, gt, REFINED_POWERS)
         # PAR on the static CAM: does RFM still help after PAR?
         work = resize_image(image, work_size(image.shape[:2], predictor.max_side))
@@ -152,11 +206,11 @@ def main(argv=None) -> dict:
     rows = [("initial CAM (CLIP-ES)", "initial"), ("static refinement (CLIP-ES)", "static"),
             ("RFM, abs (paper)", "rfm"), ("RFM, signed (official code)", "rfm_signed"),
             ("PAR pseudo label (on RFM)", "label"), ("PAR pseudo label (on static)", "label_static")]
-    out = {"scenes": n, "seed": args.seed, "clip": args.clip, "decoder": args.decoder, "seconds": round(seconds, 1),
+    out = {"scenes": n, "seed": args.seed, "max_side": args.max_side, "clip": args.clip, "decoder": args.decoder, "seconds": round(seconds, 1),
            "zero_shot_exact": zero_shot["exact"] / n, "zero_shot_top1": zero_shot["top1"] / n,
            "kept_fraction_per_block": (kept / n).round(3).tolist(), "main": {}, "n0": {}, "alpha": {}}
     print(f"\n{n} held-out scenes (seed {args.seed}), CLIP {args.clip}, decoder {args.decoder}, "
-          f"{seconds:.0f} s\n")
+          f"max_side {args.max_side}, {seconds:.0f} s\n")
     print(f"| stage | mIoU % | best p |\n|---|---|---|")
     for title, name in rows:
         if not any(k[0] == name for k in scores.conf):
@@ -169,6 +223,10 @@ def main(argv=None) -> dict:
     if decoder is not None:
         print("RFM keeps block l (fraction of scenes): " +
               ", ".join(f"{i + 1}: {f:.2f}" for i, f in enumerate(out["kept_fraction_per_block"])))
+    if aucs:
+        out["affinity_auc"] = {k: round(float(np.nanmean(v)), 4) for k, v in aucs.items()}
+        print("\naffinity AUC (same-class patch pairs ranked above different-class pairs; 0.5 = chance):\n" +
+              ", ".join(f"{k} {v:.3f}" for k, v in out["affinity_auc"].items()))
     if decoder is not None and not args.no_ablations:
         print("\nN0 ablation (α = 2), RFM mIoU %:\n| N0 | " + " | ".join(str(i) for i in range(1, 13)) +
               " |\n|---|" + "---|" * 12)

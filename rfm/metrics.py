@@ -561,7 +561,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes including background (default: from --class-names, 21 for voc)")
     p.add_argument("--class-names", default="voc",
-                   help="'voc', 'coco' or comma-separated foreground names; background is prepended (default voc)")
+                   help="'voc', 'coco', 'synthetic' or comma-separated foreground names; background is prepended "
+                        "(default voc)")
     p.add_argument("--bg-power", type=parse_bg_powers, default=(1, 2), metavar="P",
                    help="background powers to search for CAMs: '1,2' (CLIP-ES attention CAMs, default), "
                         "'1:10' (range), values < 1 = constant background score")

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-DECODER_STEPS=${DECODER_STEPS:-1000}
+DECODER_STEPS=${DECODER_STEPS:-1500}
 TRAIN_SCENES=${TRAIN_SCENES:-400}
 export PYTHONWARNINGS=ignore::FutureWarning
 

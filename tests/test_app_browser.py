@@ -25,12 +25,11 @@ CHELSEA = ROOT / "assets" / "chelsea.png"  # 451×300, a cat
 TIMEOUT_MS = 30_000
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def _serve(args: list[str], log: Path):
+    """Start app.py with ``args`` on a free port; yields its URL until the module's tests are done."""
     port = free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--demo", "--device", "cpu", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "app.py", *args, "--device", "cpu", "--port", str(port)],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -41,12 +40,22 @@ def app_url(tmp_path_factory):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"app.py --demo did not start:\n{log.read_text()[-3000:]}")
+                    pytest.fail(f"app.py {' '.join(args)} did not start:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    yield from _serve(["--demo"], tmp_path_factory.mktemp("app") / "app.log")
+
+
+@pytest.fixture(scope="module")
+def builtin_url(tmp_path_factory):
+    yield from _serve(["--clip", "synthetic"], tmp_path_factory.mktemp("app") / "builtin.log")
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +241,26 @@ def test_adapt_the_decoder_and_replay_its_steps(page):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.locator("#adaptation").scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "app_adaptation.png"), full_page=True)
+
+
+def test_builtin_model_opens_on_generated_scenes_and_shows_every_stage(browser, builtin_url):
+    context = browser.new_context(viewport={"width": 1366, "height": 768})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(builtin_url)
+    page.wait_for_selector("#samples img")
+    assert "real photographs mean little" in page.locator("#builtin-banner").inner_text()
+    assert page.locator("#vocabulary input[value=Synthetic]").is_checked()
+    first = sample_paths()[0]
+    from rfm.ui import sample_classes
+
+    classes = sample_classes(first)
+    page.locator("#samples img").first.click()
+    for view in ("view-initial", "view-static", "view-rfm", "view-label"):
+        wait_new_src(page, view, None)
+    page.wait_for_function("(c) => document.querySelector('#status').innerText.includes('Classes: ' + c)",
+                           arg=", ".join(classes))
+    assert "RFM kept layers" in page.locator("#status").inner_text()  # the built-in decoder is loaded
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "builtin-model-1366x768.png"), full_page=True)
+    context.close()

@@ -19,10 +19,10 @@ from rfm.synthetic import (BACKGROUNDS, CLASSES, IGNORE, caption, generate_scene
                            write_dataset)
 from rfm.text import get_vocabulary
 
-# Measured on 16 held-out scenes (seed 2, indices 200000..): the built-in CLIP's initial CAM reaches
-# the mIoU in assets/synthetic/README.md; random weights of the same architecture stay far below.
-# The floor sits between the two with margin on both sides.
-INITIAL_CAM_FLOOR = 0.30
+# Initial-CAM mIoU on the 24 held-out scenes below (seed 2, indices 200000.., 240×320, best
+# background power in 1..10), measured: built-in CLIP 0.337; random weights of its architecture
+# 0.128 (seed 0, the one tested), 0.149, 0.243, 0.113 (seeds 1–3). The floor sits between.
+INITIAL_CAM_FLOOR = 0.27
 
 
 def test_scene_is_a_pure_function_of_seed_and_index():
@@ -111,7 +111,7 @@ def test_synthetic_vocabulary_is_the_generators_world():
 
 def _readme_hashes() -> dict[str, str]:
     text = (SYNTHETIC_DIR / "README.md").read_text()
-    return dict((name, digest) for digest, name in re.findall(r"`([0-9a-f]{64})`\s+`([\w.\-]+)`", text))
+    return dict((name, digest) for digest, name in re.findall(r"`([0-9a-f]{64})`\s*\|\s*`([\w.\-]+)`", text))
 
 
 def test_committed_weights_are_the_ones_the_readme_describes():
@@ -134,7 +134,7 @@ def test_builtin_model_loads_through_the_ordinary_paths():
     rfm.Predictor(clip, vocabulary="synthetic", decoder=decoder, device="cpu")  # compatible, or this raises
 
 
-def _initial_cam_miou(clip, num: int = 16) -> float:
+def _initial_cam_miou(clip, num: int = 24) -> float:
     vocab = get_vocabulary("synthetic")
     predictor = rfm.Predictor(clip, vocabulary=vocab, device="cpu", max_side=320)
     params = rfm.RefineParams(par_iterations=0)
