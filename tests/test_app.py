@@ -319,7 +319,7 @@ def test_command_line_defaults():
 
     args = app.build_parser().parse_args([])
     assert (args.host, args.port, args.share, args.demo, args.max_side, args.clip) == (
-        "127.0.0.1", 7860, False, False, 512, "openai")
+        "127.0.0.1", 7860, False, False, 512, "auto")
 
 
 # ---------------------------------------------------------------- decoder adaptation
