@@ -144,7 +144,6 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(torch.get_num_threads())
     split = f"quality-{args.seed}-{args.num}"
     write_dataset(args.data, args.num, seed=args.seed, split=split)
     vocab = get_vocabulary("synthetic")

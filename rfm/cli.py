@@ -117,9 +117,9 @@ def _clip_file(args) -> Path:
 
 
 def _decoder_file(args) -> Path | None:
-    from .paths import SYNTHETIC_DECODER
+    from .decoder import decoder_file
 
-    return None if not args.decoder else SYNTHETIC_DECODER if args.decoder == "synthetic" else Path(args.decoder)
+    return decoder_file(args.decoder) if args.decoder else None
 
 
 def _resolve_model_defaults(args) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "OFFICIAL_HEADS",
     "Decoder",
     "feature_affinity",
+    "decoder_file",
     "load_decoder",
     "check_compatible",
     "infer_config",
@@ -357,6 +358,15 @@ def _official_decoder_state(obj, path: Path) -> dict[str, Tensor]:
     return state
 
 
+def decoder_file(spec: str | os.PathLike) -> Path:
+    """The checkpoint a decoder spec names: ``"synthetic"`` is the built-in decoder, anything else a path."""
+    if str(spec) == "synthetic":
+        if not SYNTHETIC_DECODER.is_file():
+            raise FileNotFoundError(f"the built-in decoder {SYNTHETIC_DECODER} is missing; {REMAKE_HINT}")
+        return SYNTHETIC_DECODER
+    return Path(spec)
+
+
 def load_decoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Decoder:
     """Load a decoder checkpoint (project .safetensors + .json, or an official WeCLIP .pth);
     ``"synthetic"`` is the built-in decoder of the built-in CLIP (``assets/synthetic/``).
@@ -365,11 +375,7 @@ def load_decoder(path: str | os.PathLike, map_location: str | torch.device = "cp
     anything but tensors and plain containers is refused. Returns the decoder in eval() mode on
     `map_location`.
     """
-    if str(path) == "synthetic":
-        if not SYNTHETIC_DECODER.is_file():
-            raise FileNotFoundError(f"the built-in decoder {SYNTHETIC_DECODER} is missing; {REMAKE_HINT}")
-        path = SYNTHETIC_DECODER
-    path = Path(path)
+    path = decoder_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"decoder checkpoint {path} not found")
     if path.suffix == ".safetensors":

@@ -254,9 +254,9 @@ def resolve_class_names(spec: str | Sequence[str] | None, num_classes: int | Non
                 raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
             return ("background",) + tuple(f"class {i}" for i in range(1, num_classes))
     if isinstance(spec, str):
-        if spec.lower() in ("voc", "coco", "synthetic"):
-            from .text import NAMED
+        from .text import NAMED
 
+        if spec.lower() in NAMED:
             names = ("background",) + NAMED[spec.lower()].class_names
         else:
             names = ("background",) + tuple(n.strip() for n in spec.split(",") if n.strip())

@@ -228,7 +228,7 @@ class Sprite:
     with its colour under a shading gradient and texture noise."""
 
     def __init__(self, rng: np.random.Generator, s: int):
-        self.rng, self.s = rng, s
+        self.s = s
         self.rgb = np.zeros((s, s, 3), np.float32)
         self.alpha = np.zeros((s, s), np.float32)
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
@@ -478,7 +478,7 @@ def generate_scene(seed: int, index: int, size: tuple[int, int] | None = None,
     canvas = BACKGROUND_PAINTERS[background](rng, h, w).astype(np.float32)
     _clutter(rng, canvas)
     instance = np.zeros((h, w), np.int32)
-    placed: list[tuple[str, str, int]] = []  # (class, colour, silhouette pixels)
+    placed: list[tuple[int, str, str, int]] = []  # (instance id, class, colour, silhouette pixels)
     for ident, name in enumerate(names, start=1):
         # Area 3–50 % of the image; sprites fill roughly half their canvas.
         area = math.exp(rng.uniform(math.log(0.03), math.log(0.5))) * h * w
@@ -487,13 +487,10 @@ def generate_scene(seed: int, index: int, size: tuple[int, int] | None = None,
         rgb, alpha, colour = _render_sprite(rng, name, side)
         x = int(rng.integers(-side // 5, max(1, w - side + side // 5)))
         y = int(rng.integers(-side // 5, max(1, h - side + side // 5)))
-        before = instance.copy()
         _paste(canvas, instance, rgb, alpha, x, y, ident)
         silhouette = int((instance == ident).sum())
-        if silhouette == 0:
-            instance = before
-            continue
-        placed.append((name, colour, silhouette))
+        if silhouette:  # a sprite that owns no pixel left the instance map untouched
+            placed.append((ident, name, colour, silhouette))
     # Global photograph look: uneven light and sensor noise.
     light = 1 + 0.12 * fractal_noise(rng, h, w, (2, 3))
     canvas = canvas * light[..., None] + rng.normal(0, 3.0, (h, w, 3)).astype(np.float32)
@@ -501,7 +498,7 @@ def generate_scene(seed: int, index: int, size: tuple[int, int] | None = None,
 
     mask = np.zeros((h, w), np.uint8)
     objects = []
-    for ident, (name, colour, silhouette) in enumerate(placed, start=1):
+    for ident, name, colour, silhouette in placed:
         visible = instance == ident
         n = int(visible.sum())
         if n < min_visible * silhouette or n < 0.005 * h * w:

@@ -28,13 +28,12 @@ from gradio_image_annotation import image_annotator
 import rfm
 from rfm import export, viz
 from rfm.backbone import ClipWeightsNotFound
-from rfm.data import ImageError, load_image
+from rfm.data import ImageError, load_image, xml_labels
 from rfm.demo import DEMO_WARNING
-from rfm.predictor import AdaptSnapshot
-from rfm.text import get_vocabulary
-
 from rfm.paths import ASSETS_DIR as ASSETS
 from rfm.paths import CHECKPOINT_DIR, SYNTHETIC_DIR
+from rfm.predictor import AdaptSnapshot
+from rfm.text import get_vocabulary
 
 # Generated scenes shown first in the gallery (an `rfm synth` folder: their classes come from its XML).
 SCENE_SAMPLES = SYNTHETIC_DIR / "samples"
@@ -201,8 +200,6 @@ def sample_classes(path: Path) -> tuple[str, ...]:
     """Classes worth trying on a sample: a generated scene's annotation, or the list for a photo."""
     xml = path.parent.parent / "Annotations" / f"{path.stem}.xml"
     if xml.is_file():
-        from rfm.data import xml_labels
-
         vocabulary = get_vocabulary("synthetic")
         return tuple(vocabulary.class_names[i] for i in xml_labels(xml, vocabulary))
     return SAMPLE_CLASSES.get(path.stem, ())
