@@ -1,8 +1,9 @@
 """Frozen CLIP: loading, preprocessing, and a forward pass that exposes every block.
 
-The model itself is an open_clip ``CLIP`` built from OpenAI-format weights (QuickGELU). This module
-adds what CLIP-ES and WeCLIP need from it: the positional embedding resized to any grid, the tokens
-after every block, and each block's head-averaged attention.
+The model is ``rfm.clip_model.CLIPModel`` built from OpenAI-format weights. This module adds what
+CLIP-ES and WeCLIP need from it: the positional embedding resized to any grid, the tokens after every
+block, and each block's head-averaged attention. open_clip is used for two things only, each behind one
+function here: the tokenizer (``_openai_tokenizer``) and downloading OpenAI's weights (``_download_openai``).
 """
 from __future__ import annotations
 
@@ -18,12 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .clip_model import CLIPModel, ClipConfig, random_clip_model
+from .clip_model import build_clip_model as build_clip  # OpenAI-format state dict → float32 CLIPModel
+from .constants import CLIP_MEAN, CLIP_STD
 from .paths import CHECKPOINT_DIR, REMAKE_HINT, SYNTHETIC_CLIP
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Entries of an OpenAI state dict that describe the model rather than hold weights.
-_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
 class ClipWeightsNotFound(FileNotFoundError):
@@ -37,26 +36,31 @@ def pick_device(device=None) -> torch.device:
     return torch.device(device)
 
 
+def _openai_tokenizer():
+    """OpenAI's BPE tokenizer (context 77), as open_clip ships it."""
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-16")
+
+
 class FrozenClip:
-    """An open_clip CLIP in eval mode with no trainable parameters, plus its tokenizer."""
+    """A ``CLIPModel`` in eval mode with no trainable parameters, plus its tokenizer."""
 
-    def __init__(self, model, name: str = "ViT-B-16", tokenizer=None):
-        import open_clip
-
-        if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
-            raise TypeError("expected an open_clip CLIP model with a ViT image tower")
+    def __init__(self, model: CLIPModel, name: str = "ViT-B-16", tokenizer=None):
+        if not isinstance(model, CLIPModel):
+            raise TypeError(f"expected an rfm.clip_model.CLIPModel (rfm.backbone.build_clip makes one from an "
+                            f"OpenAI-format state dict), got {type(model).__name__}")
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
         self.name = name
-        self.tokenizer = tokenizer or open_clip.get_tokenizer("ViT-B-16")
+        self.tokenizer = tokenizer or _openai_tokenizer()
         visual = model.visual
         self.patch_size = int(visual.conv1.kernel_size[0])
         self.width = int(visual.conv1.out_channels)
         self.num_blocks = len(visual.transformer.resblocks)
-        self.mean = tuple(getattr(visual, "image_mean", None) or OPENAI_MEAN)
-        self.std = tuple(getattr(visual, "image_std", None) or OPENAI_STD)
+        self.mean, self.std = CLIP_MEAN, CLIP_STD
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.text_cache: dict[tuple, torch.Tensor] = {}
 
@@ -110,16 +114,11 @@ class BlockOutputs:
 
 def embed(clip: FrozenClip, image: torch.Tensor) -> torch.Tensor:
     """image (B, 3, H, W), normalised, H and W multiples of the patch → (B, 1 + hw, D) before block 1."""
-    visual = clip.model.visual
     p = clip.patch_size
     if image.shape[-2] % p or image.shape[-1] % p:
         raise ValueError(f"image size {tuple(image.shape[-2:])} is not a multiple of the patch size {p}")
     grid = (image.shape[-2] // p, image.shape[-1] // p)
-    x = visual.conv1(image.to(visual.conv1.weight.dtype))  # (B, D, h, w)
-    x = x.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + clip.positional_embedding(grid).to(x.dtype)
-    return visual.ln_pre(x)
+    return clip.model.visual.embed(image, clip.positional_embedding(grid))
 
 
 def attention_block(block, x: torch.Tensor, normed: torch.Tensor | None = None):
@@ -128,12 +127,8 @@ def attention_block(block, x: torch.Tensor, normed: torch.Tensor | None = None):
     x (B, L, D) → (x' (B, L, D), attn (B, L, L)). ``normed`` lets GradCAM pass the ``ln_1`` output it
     differentiates with respect to.
     """
-    if normed is None:
-        normed = block.ln_1(x)
-    out, attn = block.attn(normed, normed, normed, need_weights=True, average_attn_weights=True)
-    x = x + block.ls_1(out)
-    x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    return x, attn
+    x, att = block.attend(x, normed)
+    return x, att.probs.mean(dim=-3)
 
 
 def drop_cls(attn: torch.Tensor) -> torch.Tensor:
@@ -160,7 +155,7 @@ def pooled_image_features(clip: FrozenClip, x: torch.Tensor) -> torch.Tensor:
     """CLIP-ES pooling: ln_post on every token, mean over PATCH tokens (CLS excluded), then proj. (B, L, D) → (B, E)."""
     visual = clip.model.visual
     x = visual.ln_post(x)[:, 1:].mean(dim=1)
-    return x @ visual.proj if visual.proj is not None else x
+    return x @ visual.proj
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -244,22 +239,6 @@ def _download_openai(model_name: str, cache_dir: Path) -> Path:
     if downloaded != target:
         os.replace(downloaded, target)
     return target
-
-
-def build_clip(state_dict: dict) -> torch.nn.Module:
-    """An open_clip CLIP (QuickGELU, fp32) from an OpenAI-format state dict of any size."""
-    from open_clip.model import build_model_from_openai_state_dict
-
-    sd = {k: v for k, v in state_dict.items() if k not in _NON_WEIGHT_KEYS}
-    if "visual.proj" not in sd:
-        raise ValueError("not a CLIP ViT checkpoint: it has no 'visual.proj' (ResNet CLIPs are not supported)")
-    try:
-        model = build_model_from_openai_state_dict(sd, quick_gelu=True, cast_dtype=None)
-    except KeyError as err:
-        raise ValueError(f"not an OpenAI-format CLIP state dict: it has no {err}") from None
-    except RuntimeError as err:  # shapes that do not fit together
-        raise ValueError(f"not an OpenAI-format CLIP state dict: {err}") from None
-    return model.float().eval()
 
 
 def read_openai_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -371,17 +350,11 @@ def random_clip_state_dict(width: int = 768, layers: int = 12, patch_size: int =
     For tests, benchmarks and the app's demo mode: real weights cannot be downloaded everywhere.
     Widths must be multiples of 64 (OpenAI CLIPs use 64-wide heads).
     """
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    if width % 64 or text_width % 64:
-        raise ValueError("widths must be multiples of 64 (one head per 64 channels)")
-    torch.manual_seed(seed)
-    model = CLIP(embed_dim,
-                 vision_cfg=CLIPVisionCfg(layers=layers, width=width, patch_size=patch_size, image_size=image_size),
-                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=text_width, heads=text_width // 64,
-                                      layers=text_layers),
-                 quick_gelu=True)
-    return {k: v for k, v in model.state_dict().items() if k not in _NON_WEIGHT_KEYS}
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    cfg = ClipConfig(width=width, layers=layers, patch_size=patch_size, grid=image_size // patch_size,
+                     embed_dim=embed_dim, text_width=text_width, text_layers=text_layers)
+    return random_clip_model(cfg, seed).state_dict()
 
 
 def random_clip(device=None, **kwargs) -> FrozenClip:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import FrozenClip
+from .clip_model import self_attention
 from .refine import minmax_normalize
 
 
@@ -45,23 +46,13 @@ def forward_last_block(clip: FrozenClip, x: torch.Tensor) -> LastBlock:
     """x (L, D): output of block N − 1 → the last block's intermediates and the CLIP-ES pooled feature."""
     visual = clip.model.visual
     block = visual.transformer.resblocks[-1]
-    if not isinstance(block.ls_1, torch.nn.Identity) or not isinstance(block.ls_2, torch.nn.Identity):
-        raise NotImplementedError("CLIPs with LayerScale are not supported (OpenAI CLIPs have none)")
-    attn = block.attn
-    heads, width = attn.num_heads, x.shape[-1]
-    d = width // heads
     z = block.ln_1(x)
-    q, k, v = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)
-    q, k, v = (t.reshape(-1, heads, d).transpose(0, 1) for t in (q, k, v))  # (H, L, d)
-    probs_attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)
-    o = probs_attn @ v
-    y = x + attn.out_proj(o.transpose(0, 1).reshape(-1, width))
+    att = self_attention(block.attn, z)
+    y = x + att.out
     u1 = block.mlp.c_fc(block.ln_2(y))
     y2 = y + block.mlp.c_proj(block.mlp.gelu(u1))
-    feature = visual.ln_post(y2)[1:].mean(0)
-    if visual.proj is not None:
-        feature = feature @ visual.proj
-    return LastBlock(z, q, k, v, probs_attn, o, y, u1, y2, feature)
+    feature = visual.ln_post(y2)[1:].mean(0) @ visual.proj
+    return LastBlock(z, att.q, att.k, att.v, att.probs, att.o, y, u1, y2, feature)
 
 
 def class_probabilities(feature: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -122,7 +113,7 @@ def _patch_mean_input_grad(clip: FrozenClip, fw: LastBlock, grad_feature: torch.
     n = fw.z.shape[0] - 1
     num = grad_feature.shape[0]
 
-    grad_mean_token = grad_feature @ visual.proj.T if visual.proj is not None else grad_feature  # (K, D)
+    grad_mean_token = grad_feature @ visual.proj.T  # (K, D)
     dy2, d_mlp_out = _grad_through_ln_post(visual.ln_post, fw.y2, grad_mean_token / n, block.mlp.c_proj.weight)
     du1 = d_mlp_out * _activation_derivative(block.mlp.gelu, fw.u1)
     dy = dy2 + _layer_norm_input_grad(block.ln_2, fw.y, du1 @ block.mlp.c_fc.weight)

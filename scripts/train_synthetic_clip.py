@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rfm.backbone import OPENAI_MEAN, OPENAI_STD  # noqa: E402
+from rfm.constants import CLIP_MEAN as OPENAI_MEAN, CLIP_STD as OPENAI_STD  # noqa: E402
 from rfm.demo import SYNTHETIC_ARCH  # noqa: E402
 from rfm.synthetic import (BACKGROUNDS, PALETTE, Scene, SceneObject, caption, generate_scene,  # noqa: E402
                            prompt_captions)

@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from rfm import backbone
 from rfm.backbone import (ClipWeightsNotFound, FrozenClip, build_clip, drop_cls, embed, forward_blocks, load_clip,
                           network_size, random_clip_state_dict, read_openai_state_dict, resize_positional_embedding)
+from rfm.clip_model import causal_mask, self_attention
+from rfm.paths import SYNTHETIC_CLIP
 from conftest import SMALL_CLIP
 
 
-def test_native_resolution_matches_open_clip_encode_image(small_clip):
-    """At 224×224 with CLS pooling, our block-by-block forward is open_clip's own encode_image."""
+def test_native_resolution_matches_encode_image(small_clip):
+    """At 224×224 with CLS pooling, our block-by-block forward is the model's own encode_image."""
     torch.manual_seed(1)
     image = torch.randn(2, 3, 224, 224)
     blocks = forward_blocks(small_clip, image)
@@ -53,6 +55,89 @@ def test_attention_is_head_averaged_softmax_with_cls_dropped_not_renormalised(sm
         assert torch.allclose(blocks.attn[layer], full[0, 1:, 1:], atol=1e-6)
         assert (blocks.attn[layer].sum(-1) < 1).all()  # the CLS mass is gone and rows are not rescaled
         x = blocks.tokens[layer]
+
+
+def _open_clip_model(sd: dict, cfg: dict):
+    """open_clip's own CLIP (QuickGELU) with the same OpenAI-format weights."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    model = CLIP(cfg["embed_dim"],
+                 CLIPVisionCfg(layers=cfg["layers"], width=cfg["width"], patch_size=cfg["patch_size"],
+                               image_size=cfg["image_size"]),
+                 CLIPTextCfg(context_length=77, vocab_size=49408, width=cfg["text_width"],
+                             heads=cfg["text_width"] // 64, layers=cfg["text_layers"]),
+                 quick_gelu=True)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def test_model_matches_open_clip_loaded_with_the_same_state_dict():
+    """The per-version check: our CLIP and the installed open_clip's compute the same image and text features."""
+    cfg = dict(SMALL_CLIP, layers=2, text_layers=2)
+    sd = random_clip_state_dict(seed=4, **cfg)
+    ours, theirs = build_clip(sd), _open_clip_model(sd, cfg)
+    torch.manual_seed(4)
+    image = torch.randn(2, 3, 224, 224)
+    tokens = FrozenClip(ours).tokenizer(["a photo of a cat.", "two dogs on a red sofa near the window"])
+    with torch.no_grad():
+        for a, b in ((ours.encode_image(image), theirs.encode_image(image)),
+                     (ours.encode_text(tokens), theirs.encode_text(tokens))):
+            assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_attention_equals_torch_multihead_attention(small_clip, causal):
+    attn = small_clip.model.visual.transformer.resblocks[0].attn
+    width = attn.out_proj.in_features
+    mha = torch.nn.MultiheadAttention(width, attn.num_heads, batch_first=True)
+    mha.load_state_dict(attn.state_dict())
+    torch.manual_seed(5)
+    z = torch.randn(2, 9, width)
+    mask = causal_mask(9) if causal else None
+    ours = self_attention(attn, z, mask)
+    with torch.no_grad():
+        out, probs = mha(z, z, z, need_weights=True, average_attn_weights=False, attn_mask=mask)
+    assert ours.probs.shape == probs.shape == (2, attn.num_heads, 9, 9)
+    assert torch.allclose(ours.probs, probs, atol=1e-6)
+    assert torch.allclose(ours.out, out, atol=1e-6)
+    assert torch.allclose(ours.o, ours.probs @ ours.v)
+    if causal:
+        assert (ours.probs.triu(1) == 0).all()
+
+
+def test_random_init_gives_attention_neither_uniform_nor_one_hot(small_clip):
+    torch.manual_seed(6)
+    attn = forward_blocks(small_clip, torch.randn(1, 3, 64, 64)).attn  # (N − 1, 16, 16), CLS dropped
+    peak = float(attn.max(-1).values.mean())
+    assert 2 / 17 < peak < 0.9  # uniform rows over the 1 + 16 tokens would peak at 1/17
+
+
+def test_builtin_clip_file_loads_with_openai_keys():
+    sd = read_openai_state_dict(SYNTHETIC_CLIP)
+    model = build_clip(sd)
+    loaded = model.state_dict()
+    assert loaded.keys() == sd.keys()
+    assert {"visual.proj", "visual.transformer.resblocks.0.attn.in_proj_weight",
+            "visual.transformer.resblocks.0.mlp.c_fc.bias", "transformer.resblocks.0.attn.out_proj.weight",
+            "token_embedding.weight", "text_projection", "logit_scale"} <= loaded.keys()
+    for key, value in sd.items():
+        assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], value.float()), key
+
+
+def test_inconsistent_state_dict_is_a_clear_error():
+    sd = random_clip_state_dict(seed=0, **SMALL_CLIP)
+    missing = {k: v for k, v in sd.items() if k != "visual.transformer.resblocks.1.ln_2.bias"}
+    with pytest.raises(ValueError, match="(?s)not an OpenAI-format CLIP state dict.*resblocks.1.ln_2.bias"):
+        build_clip(missing)
+    with pytest.raises(ValueError, match="(?s)not an OpenAI-format CLIP state dict.*visual.proj"):
+        build_clip({**sd, "visual.proj": torch.zeros(128, 32)})  # embed dim differs from the text tower's
+    with pytest.raises(ValueError, match="multiples of 64"):
+        build_clip({**sd, "visual.conv1.weight": torch.zeros(100, 3, 16, 16)})
+
+
+def test_frozen_clip_rejects_other_models():
+    with pytest.raises(TypeError, match="CLIPModel"):
+        FrozenClip(torch.nn.Linear(2, 2))
 
 
 def _bilinear_reference(grid_in: np.ndarray, out_h: int, out_w: int) -> np.ndarray:

@@ -66,7 +66,7 @@ def test_float32_model_agrees_to_clip_es_tolerance(small_clip):
     assert (ours.cams - ref).abs().max() < 1e-3
 
 
-def test_last_block_forward_matches_open_clip_block(clip64):
+def test_last_block_forward_matches_the_model_block(clip64):
     torch.manual_seed(8)
     x = torch.randn(1 + 12, 128, dtype=torch.float64)
     fw = forward_last_block(clip64, x)
