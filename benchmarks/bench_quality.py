@@ -32,10 +32,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rfm  # noqa: E402
-from rfm.backbone import embed, network_size, pooled_image_features, resize_image, to_tensor, work_size  # noqa: E402
+from rfm.backbone import pooled_image_features  # noqa: E402
 from rfm.data import load_image, voc_samples  # noqa: E402
 from rfm.metrics import confusion_matrix, iou_per_class, labels_from_cams, mean_iou  # noqa: E402
-from rfm.predictor import official_params, par_probs  # noqa: E402
+from rfm.params import official_params  # noqa: E402
+from rfm.pipeline import par_probs  # noqa: E402
 from rfm.synthetic import write_dataset  # noqa: E402
 from rfm.text import get_vocabulary, text_features  # noqa: E402
 
@@ -68,12 +69,10 @@ class Scores:
 
 
 @torch.no_grad()
-def pooled_feature(clip, image: np.ndarray, max_side: int) -> torch.Tensor:
-    """The CLIP-ES pooled image feature (mean of the patch tokens after ln_post and proj), L2-normalised."""
-    net = network_size(image.shape[:2], max_side, clip.patch_size)
-    x = embed(clip, to_tensor(resize_image(image, net), clip.mean, clip.std, clip.device))
-    for block in clip.model.visual.transformer.resblocks:
-        x = block(x)
+def pooled_feature(clip, features) -> torch.Tensor:
+    """The CLIP-ES pooled image feature (mean of the patch tokens after ln_post and proj), L2-normalised,
+    from the cached input of the last block: it does not depend on the classes."""
+    x = clip.model.visual.transformer.resblocks[-1](features.last_input[None])
     return torch.nn.functional.normalize(pooled_image_features(clip, x).float(), dim=-1)[0]
 
 
@@ -99,22 +98,22 @@ def pair_auc(aff: np.ndarray, same: np.ndarray) -> float:
 def affinity_aucs(predictor, result, gt: np.ndarray, rng: np.random.Generator) -> dict[str, float]:
     """AUC of A_f, of each block's attention A^l (symmetrised), of the static mean and of R, on sampled pairs.
 
-    Reads the predictor's cached stage 1–3 tensors (the benchmark looks inside on purpose)."""
+    Reads the predictor's cached stage 1–3 features."""
     from rfm import refine as rf
 
-    cache = predictor._image
-    labels = patch_labels(gt, cache["grid"])
+    features = predictor.features
+    labels = patch_labels(gt, features.grid)
     valid = np.flatnonzero(labels != 255)
     i, j = rng.choice(valid, AUC_PAIRS), rng.choice(valid, AUC_PAIRS)
     keep = i != j
     i, j = i[keep], j[keep]
     same = labels[i] == labels[j]
-    attn = cache["attn_all"].float()
+    attn = features.attn.float()
     maps = {f"A^{l + 1}": attn[l] for l in range(attn.shape[0])}
     maps["static mean"] = rf.static_affinity(attn, 8)
-    if cache["aff_f"] is not None:
-        maps["A_f"] = cache["aff_f"]
-        r, _ = rf.rfm_affinity(cache["aff_f"], attn, torch.as_tensor(result.layer_keep), result.params.n0)
+    if features.aff_f is not None:
+        maps["A_f"] = features.aff_f
+        r, _ = rf.rfm_affinity(features.aff_f, attn, torch.as_tensor(result.layer_keep), result.params.n0)
         maps["R (RFM)"] = r
     out = {}
     for name, m in maps.items():
@@ -166,12 +165,11 @@ def main(argv=None) -> dict:
         image = load_image(sample.image)
         gt = np.asarray(Image.open(sample.gt))
         labels = list(sample.labels)
-        sims = prompts @ pooled_feature(clip, image, predictor.max_side).to(prompts.device)
+        predictor.set_image(image, labels=labels)
+        sims = prompts @ pooled_feature(clip, predictor.features).to(prompts.device)
         top = set(sims.topk(len(labels)).indices.tolist())
         zero_shot["exact"] += top == set(labels)
         zero_shot["top1"] += int(sims.argmax()) in labels
-
-        predictor.set_image(image, labels=labels)
         result = predictor.refine(params)
         keys = np.asarray(result.class_indices)
         scores.add_cams("initial", result.cam_initial, keys, gt, INITIAL_POWERS)
@@ -184,8 +182,7 @@ def main(argv=None) -> dict:
             aucs.setdefault(name, []).append(value)
         scores.add_cams("rfm", result.cam_rfm, keys, gt, REFINED_POWERS)
         # PAR on the static CAM: does RFM still help after PAR?
-        work = resize_image(image, work_size(image.shape[:2], predictor.max_side))
-        probs = par_probs(work, torch.from_numpy(result.patch.cam_static), params)
+        probs = par_probs(predictor.features, torch.from_numpy(result.patch.cam_static), params)
         static_label = np.concatenate([[0], keys + 1])[probs.argmax(0).cpu().numpy()].astype(np.uint8)
         scores.add_label("label_static", resize_nearest(static_label, gt.shape), gt)
         signed = predictor.refine(official_params("synthetic", distance="signed", par_iterations=0))

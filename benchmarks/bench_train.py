@@ -24,9 +24,10 @@ sys.path.insert(0, str(ROOT))
 import rfm  # noqa: E402
 from rfm.backbone import random_clip  # noqa: E402
 from rfm.data import load_image, voc_samples  # noqa: E402
-from rfm.predictor import RefineParams  # noqa: E402
+from rfm.params import RefineParams  # noqa: E402
 from rfm.text import VOC  # noqa: E402
-from rfm.train import FeatureCache, TrainConfig, train  # noqa: E402
+from rfm.params import TrainConfig  # noqa: E402
+from rfm.train import FeatureCache, train  # noqa: E402
 
 VOC_MINI = ROOT.parent / "shared" / "data" / "voc-mini"
 

@@ -15,7 +15,6 @@ it had not committed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -26,12 +25,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import checks
+from .constants import CAM_STAGES
 from .data import Sample, load_image
-from .export import coco_document, label_to_coco, save_cams_npy, save_coco_json, save_json, save_label_png
-from .predictor import Predictor, RefineParams
+from .export import coco_document, label_to_coco, save_cams_npy, save_coco_json, save_label_png
+from .fileio import file_sha256, save_json
+from .params import RefineParams
+from .predictor import Predictor
 
 FORMATS = ("png", "npy", "coco")
-STAGES = ("initial", "static", "rfm")
 MANIFEST = "manifest.json"
 JOURNALS = "manifest.d"
 
@@ -53,10 +55,8 @@ class ExportOptions:
         unknown = set(self.formats) - set(FORMATS)
         if not self.formats or unknown:
             raise ValueError(f"--format takes a comma-separated subset of {','.join(FORMATS)}, got {self.formats}")
-        if self.cam_stage not in STAGES:
-            raise ValueError(f"cam stage must be one of {STAGES}, got {self.cam_stage!r}")
-        if not 0 <= self.confidence <= 1:
-            raise ValueError(f"confidence must be in [0, 1], got {self.confidence}")
+        checks.choice("cam stage", self.cam_stage, CAM_STAGES)
+        self.confidence = checks.unit_interval("confidence", self.confidence)
 
 
 @dataclass
@@ -102,14 +102,6 @@ def init_distributed(device=None) -> Distributed:
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     return Distributed(rank=rank, world=world,
                        device=torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu"))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- manifest and journals
@@ -264,7 +256,7 @@ def _export_one(index: int, sample: Sample, image: np.ndarray, predictor: Predic
     if "png" in options.formats:
         written.append(save_label_png(label, out / "SegmentationClass" / f"{sample.stem}.png", overwrite=True))
     if "npy" in options.formats:
-        cams = getattr(result, f"cam_{options.cam_stage}")
+        cams = result.cam(options.cam_stage)
         written.append(save_cams_npy(out / "cams" / f"{sample.stem}.npy", result.class_indices, cams,
                                      overwrite=True))
     if "coco" in options.formats:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ def _box(text: str) -> tuple[str, tuple[float, float, float, float]]:
 
 
 def _add_refine_flags(p: argparse.ArgumentParser) -> None:
-    from .predictor import RefineParams
+    from .params import RefineParams
 
     d = RefineParams()
     g = p.add_argument_group("refinement (defaults: the official settings of the vocabulary; VOC shown)")
@@ -38,7 +39,7 @@ def _add_refine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _params(args, vocabulary: str, boxes=None):
-    from .predictor import official_params
+    from .params import official_params
 
     return official_params(vocabulary, alpha=args.alpha, n0=args.n0, static_layers=args.static_layers,
                            box_threshold=args.box_threshold, distance=args.distance, bg_power=args.bg_power,
@@ -76,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_train_parser(sub)
     _add_synth_parser(sub)
-    from .metrics import add_eval_parser
-
-    add_eval_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 
@@ -174,7 +173,7 @@ def cmd_export(args) -> int:
 
 
 def _add_train_parser(sub) -> None:
-    from .train import TrainConfig
+    from .params import TrainConfig
 
     d = TrainConfig(steps=1)
     p = sub.add_parser("train", help="train the WeCLIP decoder on a dataset with the frozen CLIP",
@@ -207,9 +206,10 @@ def _add_train_parser(sub) -> None:
 
 def cmd_train(args) -> int:
     import rfm
-    from .batch import file_sha256
+    from .fileio import file_sha256
     from .data import voc_samples
-    from .train import TrainConfig, train
+    from .params import TrainConfig
+    from .train import train
 
     vocab, samples = _dataset(args)
     if args.val_split and not args.voc:
@@ -283,8 +283,7 @@ def cmd_run(args) -> int:
     result = predictor.refine(params)
 
     written = [save_label_png(result.label, out / "label.png", overwrite=args.overwrite)]
-    final = result.cam_rfm if result.cam_rfm is not None else result.cam_static
-    written.append(save_cams_npy(out / "cams.npy", result.class_indices, final, overwrite=args.overwrite,
+    written.append(save_cams_npy(out / "cams.npy", result.class_indices, result.cam_final, overwrite=args.overwrite,
                                  highres=result.cam_initial))
     written += save_overlays(image, result, out, overwrite=args.overwrite)
     written.append(save_figure(side_by_side_figure(image, result), out / "figure.png", overwrite=args.overwrite))
@@ -297,6 +296,84 @@ def cmd_run(args) -> int:
     return 0
 
 
+REPORT_JSON = "eval.json"
+CONFUSION_PNG = "confusion.png"
+
+
+def parse_bg_powers(text: str) -> tuple[float | int, ...]:
+    """'1,2' → (1, 2); '1:10' → 1..10 inclusive; 'a:b:step' → a, a+step, … ≤ b; comma-separated parts mix."""
+    powers: list = []
+    for part in (t.strip() for t in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            if ":" in part:
+                bits = [float(b) for b in part.split(":")]
+                if len(bits) not in (2, 3):
+                    raise ValueError
+                start, stop = bits[0], bits[1]
+                step = bits[2] if len(bits) == 3 else 1.0
+                if step <= 0 or stop < start:
+                    raise ValueError
+                count = int(math.floor((stop - start) / step + 1e-9)) + 1
+                powers += [round(start + i * step, 10) for i in range(count)]
+            else:
+                powers.append(float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected powers like '1,2', '1:10' or '0.1:0.5:0.1', got {text!r}") from None
+    if not powers or any(not (math.isfinite(p) and p > 0) for p in powers):
+        raise argparse.ArgumentTypeError(f"bg powers must be positive numbers, got {text!r}")
+    return tuple(int(p) if float(p).is_integer() else p for p in powers)
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="score predicted labels (.png) or CAMs (.npy) against ground-truth masks",
+        description="mIoU / precision / recall of <pred>/<stem>.png label maps or <stem>.npy CAM files "
+                    "(CLIP-ES format; background (1 - max CAM)^p, best p searched) against <gt>/<stem>.png "
+                    "(class indices, 255 = ignore). Predicted 255 on a labelled pixel counts as a miss.")
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of <stem>.png labels or <stem>.npy CAMs")
+    p.add_argument("--gt", required=True, metavar="DIR", help="folder of ground-truth <stem>.png masks")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes including background (default: from --class-names, 21 for voc)")
+    p.add_argument("--class-names", default="voc",
+                   help="'voc', 'coco', 'synthetic' or comma-separated foreground names; background is prepended "
+                        "(default voc)")
+    p.add_argument("--bg-power", type=parse_bg_powers, default=(1, 2), metavar="P",
+                   help="background powers to search for CAMs: '1,2' (CLIP-ES attention CAMs, default), "
+                        "'1:10' (range), values < 1 = constant background score")
+    p.add_argument("--cam-key", default="attn_highres",
+                   help="CAM entry of the .npy files: attn_highres (refined, default) or highres (initial)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help=f"report file (default <pred>_{REPORT_JSON}, beside the folder)")
+    p.add_argument("--confusion-png", default=None, metavar="FILE",
+                   help=f"confusion matrix figure (default <pred>_{CONFUSION_PNG}, beside the folder)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def cmd_eval(args) -> int:
+    from .metrics import evaluate_folder, format_table, resolve_class_names, save_report_json
+    from .viz import save_confusion_png
+
+    pred = Path(args.pred)
+    names = resolve_class_names(args.class_names, args.num_classes)
+    # Beside the folder, not in it: a training script globbing <pred>/*.png must not meet the figure.
+    json_path = Path(args.json) if args.json else pred.with_name(f"{pred.name}_{REPORT_JSON}")
+    png_path = Path(args.confusion_png) if args.confusion_png else pred.with_name(f"{pred.name}_{CONFUSION_PNG}")
+    exclude = [json_path, png_path]  # in case the user points them into the prediction folder
+    report = evaluate_folder(pred, args.gt, num_classes=len(names), class_names=names, bg_powers=args.bg_power,
+                             progress=not args.no_progress, cam_key=args.cam_key, exclude=exclude)
+    print(format_table(report))
+    if report.missing:
+        print(f"warning: {len(report.missing)} ground-truth mask(s) in {args.gt} have no prediction "
+              f"in {pred}; they were not evaluated (listed in the JSON)", file=sys.stderr)
+    save_report_json(report, json_path)
+    save_confusion_png(report, png_path)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
 def main(argv=None) -> int:
     # open_clip's tokenizer scripts a function at import; the deprecation notice is noise for users
     warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=FutureWarning)
@@ -304,10 +381,8 @@ def main(argv=None) -> int:
     if hasattr(args, "clip"):
         _resolve_model_defaults(args)
     try:
-        from .metrics import eval_main
-
         return {"run": cmd_run, "export": cmd_export, "train": cmd_train, "synth": cmd_synth,
-                "eval": eval_main}[args.command](args)
+                "eval": cmd_eval}[args.command](args)
     except KeyboardInterrupt:
         print("rfm: interrupted", file=sys.stderr)
         return 130

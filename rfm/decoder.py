@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .export import atomic_write, save_json
+from . import checks
+from .fileio import atomic_write, save_json
 from .paths import REMAKE_HINT, SYNTHETIC_DECODER
 
 __all__ = [
@@ -140,12 +141,6 @@ class SegmentationHead(nn.Module):
         return self.linear_pred(tokens.transpose(1, 2).reshape(batch, channels, h, w))
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class Decoder(nn.Module):
     """The WeCLIP decoder: fuse CLIP blocks 1..num_blocks into F_u, then a transformer head.
 
@@ -164,7 +159,8 @@ class Decoder(nn.Module):
         super().__init__()
         config = dict(width=width, num_blocks=num_blocks, embed_dim=embed_dim,
                       num_classes=num_classes, heads=heads, layers=layers)
-        self._config = {name: _positive_int(name, value) for name, value in config.items()}
+        self._config = {name: checks.integer(name, value, 1) for name, value in config.items()}
+        width, num_blocks, embed_dim, num_classes, heads, layers = self._config.values()
         if embed_dim % heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by heads {heads}")
         self.decoder_fts_fuse = FeatureFuse(width, num_blocks, embed_dim)

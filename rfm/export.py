@@ -7,36 +7,33 @@ Formats (REFERENCE §2.4, §2.5, §7.5):
 - CLIP-ES ``.npy``: a pickled dict ``{"keys": (K,) int, "attn_highres": (K, H, W) float16}``.
 - COCO JSON: one iscrowd=1 annotation per present class with compressed RLE.
 
-Every file goes through :func:`atomic_write`: written to a temporary name in the
+Every file goes through :func:`rfm.fileio.atomic_write`: written to a temporary name in the
 target folder, fsynced, then moved into place, and never overwriting unless asked.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
-from contextlib import suppress
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from .constants import IGNORE_INDEX
+from .fileio import atomic_write, exists_message, save_json
+
 __all__ = [
-    "atomic_write",
     "coco_document",
     "coco_rle_encode",
     "label_to_coco",
     "save_cams_npy",
     "save_coco_json",
-    "save_json",
     "save_label_png",
     "save_to_voc_dataset",
     "voc_palette",
 ]
 
-IGNORE_INDEX = 255
 
 
 def voc_palette() -> np.ndarray:
@@ -53,46 +50,6 @@ def voc_palette() -> np.ndarray:
             bit = (index >> (3 * shift + channel)) & 1
             palette[:, channel] |= (bit << (7 - shift)).astype(np.uint8)
     return palette
-
-
-def atomic_write(
-    path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any], overwrite: bool = False
-) -> Path:
-    """Write a file atomically: ``write_fn`` fills a binary file object, then it is moved into place.
-
-    The temporary file lives in the target folder so the final move is a same-filesystem
-    rename. Parent folders are created. Without ``overwrite`` an existing target raises
-    :class:`FileExistsError` and is left untouched; the final step is a hard link, which
-    fails atomically even if another writer created the target meanwhile. On any error
-    the temporary file is removed. Returns the target path.
-    """
-    path = Path(path)
-    if not overwrite and path.exists():
-        raise FileExistsError(_exists_message(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(_exists_message(path)) from None
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return path
-
-
-def _exists_message(path: Path) -> str:
-    return f"{path} exists; pass overwrite=True to replace it"
 
 
 def save_label_png(label: np.ndarray, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -253,14 +210,6 @@ def coco_document(images: list[dict], annotations: list[dict], categories: list[
     return {"images": list(images), "annotations": numbered, "categories": list(categories)}
 
 
-def save_json(obj: Any, path: str | os.PathLike, overwrite: bool = False, indent: int | None = 2,
-              allow_nan: bool = True) -> Path:
-    """Write ``obj`` as UTF-8 JSON through :func:`atomic_write`. ``allow_nan=False`` refuses NaN/inf
-    (strict JSON) instead of writing the non-standard ``NaN``."""
-    data = json.dumps(obj, indent=indent, allow_nan=allow_nan).encode("utf-8")
-    return atomic_write(path, lambda f: f.write(data), overwrite)
-
-
 def save_coco_json(document: dict, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a COCO document (see :func:`coco_document`) as compact UTF-8 JSON."""
     return save_json(document, path, overwrite, indent=None)
@@ -287,7 +236,7 @@ def save_to_voc_dataset(root: str | os.PathLike, stem: str, image: np.ndarray, l
     if not overwrite:
         for path in (image_path, label_path):
             if path.exists():
-                raise FileExistsError(_exists_message(path))
+                raise FileExistsError(exists_message(path))
     save_label_png(label, label_path, overwrite=overwrite)
     atomic_write(image_path, lambda f: Image.fromarray(image).save(f, format="PNG"), overwrite)
     images = {p.stem for p in (root / "JPEGImages").iterdir() if p.is_file() and not p.name.startswith(".")}

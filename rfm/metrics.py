@@ -1,4 +1,4 @@
-"""Segmentation metrics and the ``rfm eval`` command (CLIP-ES evaluation, REFERENCE §2.5).
+"""Segmentation metrics of ``rfm eval`` (CLIP-ES evaluation, REFERENCE §2.5), pure numpy.
 
 Confusion matrix convention
 ---------------------------
@@ -31,43 +31,34 @@ payload goes through an unpickler that only knows ``numpy.ndarray``, ``numpy.dty
 """
 from __future__ import annotations
 
-import argparse
-import io
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from .constants import IGNORE_INDEX
 from .data import load_npy_dict
-from .export import atomic_write, save_json
+from .fileio import save_json
 
 __all__ = [
     "EvalReport",
-    "add_eval_parser",
     "confusion_matrix",
-    "eval_main",
     "evaluate_folder",
     "format_table",
     "iou_per_class",
     "labels_from_cams",
     "load_cam_npy",
     "mean_iou",
-    "parse_bg_powers",
     "pixel_accuracy",
     "precision_recall",
     "report_to_dict",
     "resolve_class_names",
-    "save_confusion_png",
     "save_report_json",
 ]
 
-IGNORE_INDEX = 255
-REPORT_JSON = "eval.json"
-CONFUSION_PNG = "confusion.png"
 
 # --------------------------------------------------------------------------------------------
 # Safe loading of CLIP-ES / rfm .npy CAM files
@@ -303,7 +294,7 @@ def _read_cams(path: Path, cam_key: str, num_classes: int) -> tuple[np.ndarray, 
     return cams, keys
 
 
-def _power_key(p: float) -> float | int:
+def power_key(p: float) -> float | int:
     p = float(p)
     return int(p) if p.is_integer() else p
 
@@ -349,7 +340,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, num_
                          f"{', '.join(orphans[:5])}{' …' if len(orphans) > 5 else ''}")
     missing = sorted(s for s in gts if s not in preds)
 
-    powers = [None] if pred_format == "png" else [_power_key(_check_power(p)) for p in bg_powers]
+    powers = [None] if pred_format == "png" else [power_key(_check_power(p)) for p in bg_powers]
     if not powers:
         raise ValueError("bg_powers is empty")
     powers = list(dict.fromkeys(powers))  # drop repeats, keep order
@@ -398,7 +389,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, num_
 # --------------------------------------------------------------------------------------------
 
 
-def _pct(value: float) -> str:
+def percent(value: float) -> str:
     return "—" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
@@ -409,20 +400,20 @@ def format_table(report: EvalReport) -> str:
     lines = [f"{'class':<{width}}  {'IoU':>7}  {'prec':>7}  {'recall':>7}  {'gt px':>11}",
              "-" * (width + 41)]
     for i, name in enumerate(report.class_names):
-        lines.append(f"{name:<{width}}  {_pct(report.iou[i]):>7}  {_pct(report.precision[i]):>7}  "
-                     f"{_pct(report.recall[i]):>7}  {int(gt_pixels[i]):>11}")
+        lines.append(f"{name:<{width}}  {percent(report.iou[i]):>7}  {percent(report.precision[i]):>7}  "
+                     f"{percent(report.recall[i]):>7}  {int(gt_pixels[i]):>11}")
     lines.append("-" * (width + 41))
     counted = int(np.isfinite(report.iou).sum())
-    lines.append(f"mIoU            {_pct(report.miou)}  (mean over the {counted} of {report.num_classes} "
+    lines.append(f"mIoU            {percent(report.miou)}  (mean over the {counted} of {report.num_classes} "
                  "classes in gt or prediction)")
-    lines.append(f"pixel accuracy  {_pct(report.pixel_acc)}")
+    lines.append(f"pixel accuracy  {percent(report.pixel_acc)}")
     total = report.confusion.sum()
     unlabelled = int(report.confusion[:, -1].sum()) if report.confusion.shape[1] > report.num_classes else 0
     if unlabelled:
-        lines.append(f"predicted ignore on labelled pixels: {unlabelled} ({_pct(unlabelled / total)}%), "
+        lines.append(f"predicted ignore on labelled pixels: {unlabelled} ({percent(unlabelled / total)}%), "
                      "counted as misses")
     if report.bg_power is not None:
-        searched = ", ".join(f"p={p}: {_pct(m)}" for p, m in report.per_power.items())
+        searched = ", ".join(f"p={p}: {percent(m)}" for p, m in report.per_power.items())
         lines.append(f"best bg power   p={report.bg_power}  ({searched})")
     lines.append(f"images          {report.num_images} ({report.pred_format})")
     if report.missing:
@@ -466,133 +457,3 @@ def report_to_dict(report: EvalReport) -> dict:
 def save_report_json(report: EvalReport, path: str | os.PathLike) -> Path:
     """Write :func:`report_to_dict` as UTF-8 JSON (NaN → null), atomically, replacing ``path``."""
     return save_json(report_to_dict(report), path, overwrite=True, allow_nan=False)
-
-
-def save_confusion_png(report: EvalReport, path: str | os.PathLike) -> Path:
-    """Row-normalised confusion matrix (each gt row sums to 1) as a PNG, atomically, replacing ``path``.
-
-    Only classes present in the ground truth or the prediction are drawn; an 'ignore' column is
-    added when labelled pixels were predicted as ignore.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    conf = np.asarray(report.confusion, dtype=np.float64)
-    c = report.num_classes
-    shown = np.flatnonzero((conf.sum(axis=1) > 0) | (conf[:, :c].sum(axis=0) > 0))
-    has_ignore = conf.shape[1] > c and conf[:, c].sum() > 0
-    cols = list(shown) + ([c] if has_ignore else [])
-    sub = conf[np.ix_(shown, cols)]
-    rows = conf[shown].sum(axis=1, keepdims=True)
-    norm = np.divide(sub, rows, out=np.full(sub.shape, np.nan), where=rows > 0)
-    row_names = [report.class_names[i] for i in shown]
-    col_names = row_names + (["ignore"] if has_ignore else [])
-
-    n = max(len(row_names), 1)
-    side = min(max(4.0, 0.45 * n + 2.5), 40.0)
-    fig = Figure(figsize=(side + 1.2, side), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if len(shown):
-        im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of gt row")
-        ax.set_xticks(range(len(col_names)), col_names, rotation=90)
-        ax.set_yticks(range(len(row_names)), row_names)
-        if len(shown) <= 25:
-            for (i, j), v in np.ndenumerate(norm):
-                if np.isfinite(v) and v >= 0.005:
-                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if v > 0.6 else "black")
-        ax.set_xlabel("prediction")
-        ax.set_ylabel("ground truth")
-    else:
-        ax.text(0.5, 0.5, "no labelled pixels", ha="center", va="center")
-        ax.set_axis_off()
-    p = f", bg p={report.bg_power}" if report.bg_power is not None else ""
-    ax.set_title(f"mIoU {_pct(report.miou)}%  ({report.num_images} images{p}; rows in % of gt pixels)")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    data = buffer.getvalue()
-    return atomic_write(path, lambda f: f.write(data), overwrite=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def parse_bg_powers(text: str) -> tuple[float, ...]:
-    """'1,2' → (1, 2); '1:10' → 1..10 inclusive; 'a:b:step' → a, a+step, … ≤ b; comma-separated parts mix."""
-    powers: list = []
-    for part in (t.strip() for t in str(text).split(",")):
-        if not part:
-            continue
-        try:
-            if ":" in part:
-                bits = [float(b) for b in part.split(":")]
-                if len(bits) not in (2, 3):
-                    raise ValueError
-                start, stop = bits[0], bits[1]
-                step = bits[2] if len(bits) == 3 else 1.0
-                if step <= 0 or stop < start:
-                    raise ValueError
-                count = int(math.floor((stop - start) / step + 1e-9)) + 1
-                powers += [round(start + i * step, 10) for i in range(count)]
-            else:
-                powers.append(float(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected powers like '1,2', '1:10' or '0.1:0.5:0.1', got {text!r}") from None
-    if not powers or any(not (math.isfinite(p) and p > 0) for p in powers):
-        raise argparse.ArgumentTypeError(f"bg powers must be positive numbers, got {text!r}")
-    return tuple(_power_key(p) for p in powers)
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``eval`` sub-command (its handler is :func:`eval_main`, also set as ``func``)."""
-    p = subparsers.add_parser(
-        "eval", help="score predicted labels (.png) or CAMs (.npy) against ground-truth masks",
-        description="mIoU / precision / recall of <pred>/<stem>.png label maps or <stem>.npy CAM files "
-                    "(CLIP-ES format; background (1 - max CAM)^p, best p searched) against <gt>/<stem>.png "
-                    "(class indices, 255 = ignore). Predicted 255 on a labelled pixel counts as a miss.")
-    p.add_argument("--pred", required=True, metavar="DIR", help="folder of <stem>.png labels or <stem>.npy CAMs")
-    p.add_argument("--gt", required=True, metavar="DIR", help="folder of ground-truth <stem>.png masks")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="classes including background (default: from --class-names, 21 for voc)")
-    p.add_argument("--class-names", default="voc",
-                   help="'voc', 'coco', 'synthetic' or comma-separated foreground names; background is prepended "
-                        "(default voc)")
-    p.add_argument("--bg-power", type=parse_bg_powers, default=(1, 2), metavar="P",
-                   help="background powers to search for CAMs: '1,2' (CLIP-ES attention CAMs, default), "
-                        "'1:10' (range), values < 1 = constant background score")
-    p.add_argument("--cam-key", default="attn_highres",
-                   help="CAM entry of the .npy files: attn_highres (refined, default) or highres (initial)")
-    p.add_argument("--json", default=None, metavar="FILE",
-                   help=f"report file (default <pred>_{REPORT_JSON}, beside the folder)")
-    p.add_argument("--confusion-png", default=None, metavar="FILE",
-                   help=f"confusion matrix figure (default <pred>_{CONFUSION_PNG}, beside the folder)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=eval_main)
-    return p
-
-
-def eval_main(args) -> int:
-    """Run :func:`evaluate_folder` for parsed ``eval`` arguments, print the table, write JSON + PNG; returns 0."""
-    pred = Path(args.pred)
-    names = resolve_class_names(args.class_names, args.num_classes)
-    # Beside the folder, not in it: a training script globbing <pred>/*.png must not meet the figure.
-    json_path = Path(args.json) if args.json else pred.with_name(f"{pred.name}_{REPORT_JSON}")
-    png_path = Path(args.confusion_png) if args.confusion_png else pred.with_name(f"{pred.name}_{CONFUSION_PNG}")
-    exclude = [json_path, png_path]  # in case the user points them into the prediction folder
-    report = evaluate_folder(pred, args.gt, num_classes=len(names), class_names=names,
-                             bg_powers=args.bg_power, progress=not getattr(args, "no_progress", False),
-                             cam_key=getattr(args, "cam_key", "attn_highres"), exclude=exclude)
-    print(format_table(report))
-    if report.missing:
-        print(f"warning: {len(report.missing)} ground-truth mask(s) in {args.gt} have no prediction "
-              f"in {pred}; they were not evaluated (listed in the JSON)", file=sys.stderr)
-    save_report_json(report, json_path)
-    save_confusion_png(report, png_path)
-    print(f"wrote {json_path} and {png_path}")
-    return 0

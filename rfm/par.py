@@ -17,13 +17,14 @@ image intensities (up to ε): uint8, [0, 1] or mean/std-normalised images give t
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import checks
 
 __all__ = [
     "W1",
@@ -36,6 +37,7 @@ __all__ = [
     "rgb_logits",
     "position_logits",
     "pixel_affinity",
+    "image_affinity",
     "propagate",
     "par_refine",
     "background_score",
@@ -119,6 +121,15 @@ def pixel_affinity(image_3hw: Tensor, dilations: Sequence[int]) -> Tensor:
     return affinity_khw.add_(W2 * position_k[:, None, None])
 
 
+def image_affinity(image, dilations: Sequence[int] = DEFAULT_DILATIONS, device=None) -> Tensor:
+    """``pixel_affinity`` of an image in any form ``par_refine`` accepts → (K, H, W) float32 on ``device``.
+
+    It depends on the image alone: an interactive caller makes it once and passes it to every
+    ``par_refine(..., affinity=)``.
+    """
+    return pixel_affinity(_image_tensor(image, torch.device(device or "cpu")), _check_dilations(dilations))
+
+
 def propagate(probs_chw: Tensor, affinity_khw: Tensor, dilations: Sequence[int]) -> Tensor:
     """One step M_c(i) ← Σ_j a_ij M_c(j) for all channels at once. (C, H, W) → (C, H, W).
 
@@ -177,24 +188,23 @@ def _check_dilations(dilations) -> tuple[int, ...]:
     dilations = tuple(dilations)
     if not dilations:
         raise ValueError("dilations must not be empty")
-    for d in dilations:
-        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
-            raise ValueError(f"dilations must be positive integers, got {dilations!r}")
-    return tuple(int(d) for d in dilations)
+    return tuple(checks.integer("dilations", d, 1) for d in dilations)
 
 
 @torch.no_grad()
-def par_refine(image, probs, iterations: int = 20, dilations: Sequence[int] = DEFAULT_DILATIONS) -> Tensor:
+def par_refine(image, probs, iterations: int = 20, dilations: Sequence[int] = DEFAULT_DILATIONS,
+               affinity: Tensor | None = None) -> Tensor:
     """Refine class maps with PAR: `iterations` steps of M ← A·M over image-adaptive affinities.
 
     image: (H, W, 3) numpy RGB (uint8 or float) or a (3, H, W) / (1, 3, H, W) tensor.
     probs: (C, H, W) tensor or numpy array at the image's size, e.g. [bg; class CAMs].
+    affinity: the image's ``pixel_affinity`` (K, H, W) for these dilations when already computed
+    (it depends on the image alone, so an interactive caller computes it once per image).
     Returns (C, H, W) float32 on probs' device (the image is moved there). Rows of the affinity
     sum to 1 + W2, so the maps grow by (1 + W2)^iterations; the argmax over C is unaffected.
     iterations = 0 returns probs as float32, unchanged. Not differentiable (runs under no_grad).
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
-        raise ValueError(f"iterations must be an integer ≥ 0, got {iterations!r}")
+    iterations = checks.integer("iterations", iterations, 0)
     dilations = _check_dilations(dilations)
     probs_chw = _probs_tensor(probs)
     image_3hw = _image_tensor(image, probs_chw.device)
@@ -205,8 +215,14 @@ def par_refine(image, probs, iterations: int = 20, dilations: Sequence[int] = DE
         )
     if iterations == 0:
         return probs_chw.clone()  # never alias the caller's tensor or numpy buffer
-    affinity_khw = pixel_affinity(image_3hw, dilations)
-    for _ in range(int(iterations)):
+    if affinity is None:
+        affinity_khw = pixel_affinity(image_3hw, dilations)
+    else:
+        affinity_khw = affinity.to(probs_chw.device, torch.float32)
+        if tuple(affinity_khw.shape) != (8 * len(dilations), *probs_chw.shape[1:]):
+            raise ValueError(f"affinity must be (8·len(dilations), H, W) = {(8 * len(dilations), *probs_chw.shape[1:])}, "
+                             f"got {tuple(affinity.shape)}")
+    for _ in range(iterations):
         probs_chw = propagate(probs_chw, affinity_khw, dilations)
     return probs_chw
 
@@ -220,8 +236,7 @@ def background_score(cams: Tensor, power: float = 1.0) -> Tensor:
     """
     if not isinstance(cams, Tensor) or cams.ndim != 3:
         raise ValueError(f"cams must be a (K, H, W) tensor, got {getattr(cams, 'shape', type(cams))}")
-    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power) or power <= 0:
-        raise ValueError(f"power must be a finite number > 0, got {power!r}")
+    checks.positive("power", power)
     if cams.shape[0] == 0:
         return torch.ones((1, *cams.shape[1:]), dtype=torch.float32, device=cams.device)
     cams = cams.to(torch.float32)

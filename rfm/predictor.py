@@ -1,15 +1,14 @@
 """``Predictor``: compute the CLIP pass once per image (``set_image``), refine cheaply per parameter set (``refine``).
 
-Stages 1–3 (backbone, initial CAM, decoder affinity) depend only on the image, its labels and the
-decoder and are cached; stages 4–6 (static refinement, RFM, PAR) are pure functions of the cache
-and a ``RefineParams``.
+Stages 1–3 (backbone, initial CAM, decoder affinity, PAR's pixel affinity) depend only on the image,
+its labels and the decoder and are kept in ``Predictor.features`` (an ``ImageFeatures``); stages 4–6
+(static refinement, RFM, PAR) are pure functions of those features and a ``RefineParams``.
 """
 from __future__ import annotations
 
-import math
-import numbers
+import copy
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Mapping, Sequence
 
@@ -17,62 +16,17 @@ import cv2
 import numpy as np
 import torch
 
+from . import checks
 from . import refine as rf
-from .backbone import FrozenClip, forward_blocks, network_size, pick_device, resize_image, to_tensor, work_size
-from .cam import initial_cam
+from .backbone import FrozenClip, pick_device
+from .constants import CAM_STAGES, IGNORE_INDEX
 from .data import ImageError, to_rgb_array
-from .par import background_score, par_refine, pseudo_label
+from .decoder import Decoder, check_compatible
+from .losses import make_optimizer, poly_warmup_lr
+from .par import pseudo_label as argmax_label
+from .params import Box, RefineParams
+from .pipeline import ImageFeatures, decoder_affinity, decoder_step, encode_image, par_probs, refine_stages, with_classes
 from .text import Vocabulary, get_vocabulary, vocabulary_features
-
-Box = tuple[float, float, float, float]
-
-
-@dataclass(frozen=True)
-class RefineParams:
-    """Every knob of stages 4–6. Defaults: the official VOC settings (REFERENCE §2, §3)."""
-
-    alpha: int = 2  # matrix power of the transition matrix
-    n0: int = 7  # first RFM candidate block, 1-indexed (last 6 of 12)
-    static_layers: int = 8  # CLIP-ES averages the last 8 blocks
-    box_threshold: float = 0.4  # λ of the box mask indicator (0.7 for COCO)
-    distance: str = "abs"  # "abs": paper Eq. 5; "signed": official code
-    boxes: Mapping[str, Sequence[Box]] = field(default_factory=dict)  # user boxes per class, image pixels
-    bg_power: float = 1.0  # background score (1 − max CAM)^p before PAR
-    par_iterations: int = 20  # 0 turns PAR off
-
-    def __post_init__(self):
-        _integer("alpha", self.alpha, 1, "α is a matrix power: 1 means no propagation beyond one step")
-        _integer("n0", self.n0, 1, "N0 is the first block RFM may select, counted from 1")
-        _integer("static_layers", self.static_layers, 1, "the static refinement averages at least one block")
-        _integer("par_iterations", self.par_iterations, 0, "0 turns PAR off")
-        if not (isinstance(self.box_threshold, numbers.Real) and 0 < self.box_threshold < 1):
-            raise ValueError(f"box_threshold must be strictly between 0 and 1, got {self.box_threshold!r}")
-        if self.distance not in rf.DISTANCES:
-            raise ValueError(f"distance must be 'abs' (paper) or 'signed' (official code), got {self.distance!r}")
-        if not (isinstance(self.bg_power, numbers.Real) and math.isfinite(self.bg_power) and self.bg_power > 0):
-            raise ValueError(f"bg_power must be a positive number, got {self.bg_power!r}")
-        if not isinstance(self.boxes, Mapping):
-            raise ValueError("boxes must map a class name to a list of (x0, y0, x1, y1) boxes")
-        for name, boxes in self.boxes.items():
-            for box in boxes:
-                if len(box) != 4 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in box):
-                    raise ValueError(f"box {box!r} for {name!r} must be four numbers (x0, y0, x1, y1)")
-                if not (box[0] < box[2] and box[1] < box[3]):
-                    raise ValueError(f"box {tuple(box)} for {name!r} has zero area: need x0 < x1 and y0 < y1")
-
-
-def official_params(vocabulary: str = "voc", **overrides) -> RefineParams:
-    """RefineParams with the official settings of a dataset: COCO uses λ = 0.7 (CLIP-ES) and the last
-    10 blocks (N0 = 3, WeCLIP); VOC and user vocabularies use the VOC settings (λ = 0.4, N0 = 7)."""
-    base = {"box_threshold": 0.7, "n0": 3} if vocabulary == "coco" else {}
-    return RefineParams(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-
-
-def _integer(name: str, value, minimum: int, why: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be ≥ {minimum}, got {value} ({why})")
 
 
 @dataclass
@@ -129,22 +83,37 @@ class Result:
         """(K, H, W): RFM refinement, or None without a decoder."""
         return self._to_image(self.patch.cam_rfm, clip_to_boxes=True)
 
+    def cam(self, stage: str) -> np.ndarray | None:
+        """(K, H, W) CAMs of a stage: 'initial', 'static' or 'rfm' (None without a decoder)."""
+        checks.choice("stage", stage, CAM_STAGES)
+        return {"initial": lambda: self.cam_initial, "static": lambda: self.cam_static,
+                "rfm": lambda: self.cam_rfm}[stage]()
+
+    @property
+    def final_stage(self) -> str:
+        """The stage PAR and the pseudo label were made from: 'rfm' with a decoder, else 'static'."""
+        return "static" if self.patch.cam_rfm is None else "rfm"
+
+    @property
+    def cam_final(self) -> np.ndarray:
+        """(K, H, W) the refined CAMs the pseudo label comes from: RFM's, or the static ones without a decoder."""
+        return self.cam(self.final_stage)
+
     @cached_property
     def label(self) -> np.ndarray:
         """(H, W) uint8 pseudo label: 0 background, vocabulary index + 1."""
         return self.label_with_ignore(0.0)
 
-    def label_with_ignore(self, confidence: float, ignore_index: int = 255) -> np.ndarray:
+    def label_with_ignore(self, confidence: float, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
         """The pseudo label with ``ignore_index`` where the PAR output is not confident.
 
         Confidence is the top score's share of the pixel's scores, max_c P_c / Σ_c P_c over
         [bg; classes] after PAR (PAR's maps are not normalised: their rows sum to 1.01 per
         iteration). CLIP-ES ignores pixels below 0.95 of its CRF probabilities; 0 ignores none.
         """
-        if not 0.0 <= confidence <= 1.0:
-            raise ValueError(f"confidence must be in [0, 1], got {confidence}")
+        checks.unit_interval("confidence", confidence)
         probs = torch.from_numpy(self.probs)
-        label = pseudo_label(probs, self.class_indices).numpy().astype(np.uint8)
+        label = argmax_label(probs, self.class_indices).numpy().astype(np.uint8)
         if confidence > 0:
             total = probs.sum(0)
             share = probs.amax(0) / torch.where(total > 0, total, torch.ones_like(total))
@@ -182,28 +151,40 @@ class Predictor:
     >>> predictor = Predictor(clip, vocabulary="voc", decoder=decoder)
     >>> predictor.set_image(image, labels=["cat", "dog"])   # heavy: one CLIP pass
     >>> result = predictor.refine(RefineParams(alpha=2, n0=7))  # cheap: call per slider change
+
+    The CLIP is used where it is (``device`` must agree with it or be None); it is never moved,
+    since other predictors may share it. A decoder on another device is copied to the CLIP's.
     """
 
-    def __init__(self, clip: FrozenClip, vocabulary: str | Vocabulary | Sequence[str] = "voc", decoder=None,
-                 device=None, max_side: int = 512, background: Sequence[str] | None = None):
-        if not isinstance(max_side, int) or max_side < clip.patch_size:
-            raise ValueError(f"max_side must be an integer ≥ {clip.patch_size}, got {max_side!r}")
-        self.device = pick_device(device)
-        self.clip = clip.to(self.device)
+    def __init__(self, clip: FrozenClip, vocabulary: str | Vocabulary | Sequence[str] = "voc",
+                 decoder: Decoder | None = None, device=None, max_side: int = 512,
+                 background: Sequence[str] | None = None):
+        self.max_side = checks.integer("max_side", max_side, clip.patch_size, why="at least one patch")
+        self.device = clip.device
+        if device is not None and not _same_device(pick_device(device), clip.device):
+            raise ValueError(f"the CLIP is on {clip.device} but device={device!r} was asked for; load it there "
+                             f"(rfm.load_clip(..., device={str(device)!r})) or pass device=None")
+        self.clip = clip
         self.vocabulary = get_vocabulary(vocabulary, background)
-        self.max_side = max_side
-        self.decoder = None
+        self.decoder: Decoder | None = None
         if decoder is not None:
-            from .decoder import check_compatible
-
             check_compatible(decoder, clip.width, clip.num_blocks)
-            self.decoder = decoder.to(self.device).eval()
+            self.decoder = decoder if _module_device(decoder) == self.device else copy.deepcopy(decoder).to(self.device)
+        self.features: ImageFeatures | None = None
         self._lock = threading.RLock()
-        self._image = None
 
     @property
     def num_blocks(self) -> int:
         return self.clip.num_blocks
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.features is not None
+
+    def reset_image(self) -> None:
+        """Forget the current image's features (frees their memory)."""
+        with self._lock:
+            self.features = None
 
     # ------------------------------------------------------------ stages 1–3
 
@@ -212,6 +193,7 @@ class Predictor:
 
         image: (H, W, 3) uint8 RGB (grey, RGBA and 16-bit arrays, PIL images and paths are converted).
         labels: class names (or prompt names) of the vocabulary, or 0-based vocabulary indices.
+        The previous image's features stay until the new ones are complete.
         """
         rgb = to_rgb_array(image)
         h, w = rgb.shape[:2]
@@ -219,39 +201,26 @@ class Predictor:
         if min(h, w) < p:
             raise ImageError(f"image is {w}×{h} pixels; each side must be at least one {p}-pixel patch")
         indices = self._resolve_labels(labels)
-        net = network_size((h, w), self.max_side, p)
-        work = work_size((h, w), self.max_side)
-        with self._lock, torch.no_grad():
-            x = to_tensor(resize_image(rgb, net), self.clip.mean, self.clip.std, self.device)
-            blocks = forward_blocks(self.clip, x)
-            patch_tokens = torch.stack([t[:, 1:] for t in blocks.tokens])  # (N − 1, 1, hw, D): decoder input
-            self._image = {
-                "size": (h, w), "grid": blocks.grid, "work_image": resize_image(rgb, work),
-                "last_input": blocks.tokens[-1][0], "attn": blocks.attn, "patch_tokens": patch_tokens,
-                "aff_f": _decoder_affinity(self.decoder, patch_tokens, blocks.grid),
-            }
-            self._set_labels(indices)
+        with self._lock:
+            self.features = encode_image(self.clip, rgb, indices, self._text(), self.decoder, self.max_side)
 
     def set_labels(self, labels: Sequence[str | int]) -> None:
         """Change the image's classes without rerunning the backbone (only the last block runs again)."""
-        if self._image is None:
-            raise RuntimeError("call set_image first")
+        features = self._require_image()
         indices = self._resolve_labels(labels)
         with self._lock:
-            self._set_labels(indices)
+            self.features = with_classes(self.clip, features, indices, self._text())
 
     def attention_rows(self, x: float, y: float) -> AttentionRows:
         """Attention rows of the patch under image pixel (x, y), for every block and for A_f."""
-        st = self._image
-        if st is None or "attn_all" not in st:
-            raise RuntimeError("call set_image first")
-        (height, width), (h, w) = st["size"], st["grid"]
+        features = self._require_image()
+        (height, width), (h, w) = features.size, features.grid
         if not (0 <= x < width and 0 <= y < height):
             raise ValueError(f"pixel ({x}, {y}) is outside the {width}×{height} image")
         r, c = min(int(y * h / height), h - 1), min(int(x * w / width), w - 1)
         i = r * w + c
-        aff_f = st["aff_f"]
-        return AttentionRows(patch=(r, c), layers=_np(st["attn_all"][:, i]).reshape(-1, h, w),
+        aff_f = features.aff_f
+        return AttentionRows(patch=(r, c), layers=_np(features.attn[:, i]).reshape(-1, h, w),
                              decoder=None if aff_f is None else _np(aff_f[i]).reshape(h, w))
 
     def adapt_decoder(self, steps: int = 60, params: RefineParams | None = None, callback=None, lr: float = 2e-3,
@@ -259,25 +228,18 @@ class Predictor:
                       seed: int = 0) -> list[AdaptSnapshot]:
         """Fit the decoder (a copy of the loaded one, or a fresh one) to the current image with WeCLIP's losses.
 
-        Uses the cached tokens and attention: no CLIP pass. The pseudo label is remade every
+        Uses the cached tokens and attention: no CLIP pass. The whole image is the training view and
+        ``rfm train``'s step (``pipeline.decoder_step``) is applied; the pseudo label is remade every
         ``label_every`` steps from the static refinement until ``switch_step`` (default: half the
-        steps) and from RFM with the decoder's current A_f after it, as in training. ``callback(step,
-        steps, losses)`` reports progress. Returns snapshots of A_f for ``show_snapshot``, the first
-        one (step 0) the state before adaptation; the adapted decoder replaces this predictor's (other
-        predictors sharing the original keep theirs).
+        steps) and from RFM with the decoder's current A_f after it. ``callback(step, steps, losses)``
+        reports progress. Returns snapshots of A_f for ``show_snapshot``, the first one (step 0) the
+        state before adaptation; the adapted decoder replaces this predictor's (other predictors
+        sharing the original keep theirs).
         """
-        import copy
-
-        from .decoder import Decoder, feature_affinity
-        from .losses import make_optimizer, poly_warmup_lr, weclip_loss
-        from .train import Crop, pseudo_label_of
-
         params = params or RefineParams()
-        if self._image is None or "cams" not in self._image:
-            raise RuntimeError("call set_image first")
-        _integer("steps", steps, 1, "at least one optimisation step")
-        st = self._image
-        switch_step = steps // 2 if switch_step is None else switch_step
+        features = self._require_image()
+        steps = checks.integer("steps", steps, 1, why="at least one optimisation step")
+        switch_step = steps // 2 if switch_step is None else checks.integer("switch_step", switch_step, 0)
         with self._lock:
             torch.manual_seed(seed)
             if self.decoder is None:
@@ -288,47 +250,42 @@ class Predictor:
             if decoder.config["num_classes"] < len(self.vocabulary) + 1:
                 raise ValueError(f"the decoder predicts {decoder.config['num_classes']} classes but the "
                                  f"vocabulary needs {len(self.vocabulary) + 1}")
-            decoder = decoder.to(self.device).train()
+            decoder = decoder.to(self.device)
             optimizer = make_optimizer(decoder.parameters(), lr=lr)
-            # the whole image as the training view: the same pseudo-label recipe as rfm train
-            view = Crop(tokens=st["patch_tokens"], attn=st["attn_all"], cams=st["cams"], image=st["work_image"],
-                        valid=np.ones(st["work_image"].shape[:2], bool), grid=st["grid"], labels=tuple(st["indices"]))
-            before = st["aff_f"]
-            history = [AdaptSnapshot(0, {}, None if before is None else before.cpu())]
-            label = None
+            history = [AdaptSnapshot(0, {}, None if features.aff_f is None else features.aff_f.cpu())]
+            labels = None
             for step in range(steps):
-                logits, f_u = decoder(st["patch_tokens"], st["grid"])
-                aff = feature_affinity(f_u)
-                if label is None or step % label_every == 0 or step == switch_step:
-                    with torch.no_grad():
-                        label, _ = pseudo_label_of(view, aff[0].detach().float(), params, step >= switch_step)
-                loss, losses = weclip_loss(logits, aff, label[None].to(logits.device), st["grid"])
-                for group in optimizer.param_groups:
-                    group["lr"] = poly_warmup_lr(step, lr, steps, warmup_steps=min(50, steps // 10))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                fresh = labels is None or step % label_every == 0 or step == switch_step
+                out = decoder_step(decoder, optimizer, [features], params, use_rfm=step >= switch_step,
+                                   lr=poly_warmup_lr(step, lr, steps, warmup_steps=min(50, steps // 10)),
+                                   labels=None if fresh else labels)
+                labels = out.labels
                 if (step + 1) % snapshot_every == 0 or step + 1 == steps:
-                    with torch.no_grad():
-                        decoder.eval()
-                        after = _decoder_affinity(decoder, st["patch_tokens"], st["grid"])
-                        decoder.train()
-                    history.append(AdaptSnapshot(step + 1, losses, after.cpu()))
+                    after = decoder_affinity(decoder, features.patch_tokens, features.grid)
+                    history.append(AdaptSnapshot(step + 1, out.losses, after.cpu()))
                 if callback is not None:
-                    callback(step + 1, steps, losses)
+                    callback(step + 1, steps, out.losses)
             self.decoder = decoder.eval()
-            st["aff_f"] = _decoder_affinity(decoder, st["patch_tokens"], st["grid"])
+            self.features = replace(features, aff_f=decoder_affinity(decoder, features.patch_tokens, features.grid))
         return history
 
     def show_snapshot(self, snapshot: AdaptSnapshot) -> None:
         """Make ``refine`` use the decoder affinity recorded at a step of ``adapt_decoder`` (replay)."""
-        if self._image is None:
-            raise RuntimeError("call set_image first")
-        n = self._image["attn_all"].shape[-1]
+        features = self._require_image()
+        n = features.attn.shape[-1]
         if snapshot.aff_f is not None and tuple(snapshot.aff_f.shape) != (n, n):
             raise ValueError("this snapshot belongs to another image")
         with self._lock:
-            self._image["aff_f"] = None if snapshot.aff_f is None else snapshot.aff_f.to(self.device)
+            self.features = replace(features, aff_f=None if snapshot.aff_f is None else snapshot.aff_f.to(self.device))
+
+    def _require_image(self) -> ImageFeatures:
+        features = self.features
+        if features is None:
+            raise RuntimeError("call set_image first")
+        return features
+
+    def _text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return vocabulary_features(self.clip, self.vocabulary)
 
     def _resolve_labels(self, labels) -> list[int]:
         if isinstance(labels, (str, int)):
@@ -342,33 +299,22 @@ class Predictor:
                 indices.append(i)
         return indices
 
-    def _set_labels(self, indices: list[int]) -> None:
-        fg_all, bg = vocabulary_features(self.clip, self.vocabulary)
-        cam = initial_cam(self.clip, self._image["last_input"], self._image["grid"], fg_all[indices], bg)
-        self._image["indices"] = indices
-        self._image["cams"] = cam.cams.float()
-        self._image["attn_all"] = torch.cat([self._image["attn"], cam.attn_last[None].float()])  # (N, n, n)
-
     # ------------------------------------------------------------ stages 4–6
 
     def refine(self, params: RefineParams | None = None) -> Result:
         """Static refinement, RFM and PAR for the current image. Cheap: no CLIP forward."""
         params = params or RefineParams()
-        if self._image is None:
-            raise RuntimeError("call set_image first")
+        features = self._require_image()
         with self._lock, torch.no_grad():
-            return self._refine(params, self._image)
+            return self._refine(params, features)
 
-    def _refine(self, params: RefineParams, st: dict) -> Result:
-        n_blocks = self.num_blocks
-        for name, value in (("n0", params.n0), ("static_layers", params.static_layers)):
-            if value > n_blocks:
-                raise ValueError(f"{name}={value} but this CLIP has {n_blocks} blocks (allowed 1..{n_blocks})")
-        indices = st["indices"]
+    def _refine(self, params: RefineParams, features: ImageFeatures) -> Result:
+        params.check_blocks(self.num_blocks)
+        indices = list(features.class_indices)
         names = [self.vocabulary.class_names[i] for i in indices]
-        (height, width), grid = st["size"], st["grid"]
+        (height, width), grid = features.size, features.grid
         user_boxes = self._user_boxes(params.boxes, indices, (height, width))
-        cams, attn, aff_f = st["cams"], st["attn_all"], st["aff_f"]
+        cams = features.cams
 
         auto = [rf.auto_boxes_from_cam(c, params.box_threshold) for c in cams.cpu()]
         box_mask = rf.masks_from_boxes(auto, grid).to(cams.device)
@@ -377,33 +323,33 @@ class Predictor:
         clip_mask = box_mask.clone()
         clip_mask[[k for k in range(len(indices)) if k not in user_boxes]] = True
 
-        stages = refine_stages(cams, attn, aff_f, params, box_mask)
+        stages = refine_stages(features, params, box_mask)
         cam_static = stages.static * clip_mask
         cam_rfm = None if stages.rfm is None else stages.rfm * clip_mask
-        scores, keep, fallback = stages.scores, stages.keep, stages.fallback
         notes: list[str] = []
-        if aff_f is None:
+        if features.aff_f is None:
             notes.append("no decoder loaded: RFM needs the decoder's feature affinity A_f")
-        elif fallback:
-            notes.append(f"RFM kept no layer among {params.n0}..{n_blocks}; R uses the plain mean of those layers instead")
+        elif stages.fallback:
+            notes.append(f"RFM kept no layer among {params.n0}..{self.num_blocks}; "
+                         "R uses the plain mean of those layers instead")
 
-        work = st["work_image"]
-        wh, ww = work.shape[:2]
+        wh, ww = features.work_image.shape[:2]
         sy, sx = wh / height, ww / width
         inside = {k: rf.boxes_to_pixel_mask([(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes],
                                             (wh, ww)) for k, boxes in user_boxes.items()}
-        probs = par_probs(work, cam_rfm if cam_rfm is not None else cam_static, params, inside)
+        probs = par_probs(features, cam_static if cam_rfm is None else cam_rfm, params, inside)
+        scores = stages.scores
         finite = scores[torch.isfinite(scores)]
         scale = (width / grid[1], height / grid[0])
         return Result(
-            class_names=names, class_indices=list(indices), params=params, image_size=(height, width),
+            class_names=names, class_indices=indices, params=params, image_size=(height, width),
             patch=PatchMaps(_np(cams), _np(cam_static), None if cam_rfm is None else _np(cam_rfm)),
             box_mask=box_mask.cpu().numpy(),
             auto_boxes={n: [(x0 * scale[0], y0 * scale[1], x1 * scale[0], y1 * scale[1]) for x0, y0, x1, y1 in b]
                         for n, b in zip(names, auto)},
-            layer_scores=scores.double().cpu().numpy(), layer_keep=keep.cpu().numpy(),
+            layer_scores=scores.double().cpu().numpy(), layer_keep=stages.keep.cpu().numpy(),
             layer_threshold=float(finite.mean()) if len(finite) else float("nan"),
-            rfm_fallback=fallback, notes=notes, probs=_np(probs),
+            rfm_fallback=stages.fallback, notes=notes, probs=_np(probs),
             user_masks={k: rf.boxes_to_pixel_mask(b, (height, width)).numpy() for k, b in user_boxes.items()},
         )
 
@@ -425,66 +371,19 @@ class Predictor:
                 out.setdefault(indices.index(i), []).extend(tuple(float(v) for v in b) for b in class_boxes)
         return out
 
-@dataclass
-class RefinedCams:
-    """Stages 4–5 on the patch grid."""
 
-    static: torch.Tensor  # (K, h, w) CLIP-ES static refinement
-    rfm: torch.Tensor | None  # (K, h, w) RFM refinement, None without A_f
-    scores: torch.Tensor  # (N,) S^l, NaN outside N0..N or without A_f
-    keep: torch.Tensor  # (N,) bool G^l
-    fallback: bool  # no layer passed G^l
-
-
-def refine_stages(cams: torch.Tensor, attn: torch.Tensor, aff_f: torch.Tensor | None, params: RefineParams,
-                  box_mask: torch.Tensor) -> RefinedCams:
-    """Static refinement and RFM of the initial CAMs.
-
-    cams (K, h, w), attn (N, n, n) every block's attention, aff_f (n, n) decoder affinity or None,
-    box_mask (K, h, w) the B_c of each class.
-    """
-    n_blocks = attn.shape[0]
-    static = rf.propagate_cams(rf.transition_matrix(rf.static_affinity(attn, params.static_layers), params.alpha),
-                               cams, box_mask)
-    if aff_f is None:
-        return RefinedCams(static, None, torch.full((n_blocks,), float("nan")),
-                           torch.zeros(n_blocks, dtype=torch.bool), False)
-    scores = rf.layer_scores(aff_f, attn, params.n0, params.distance)
-    keep = rf.layer_gates(scores, params.distance)
-    r, fallback = rf.rfm_affinity(aff_f, attn, keep, params.n0)
-    rfm = rf.propagate_cams(rf.transition_matrix(r, params.alpha), cams, box_mask)
-    return RefinedCams(static, rfm, scores, keep, fallback)
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """'cuda' names the current CUDA device, so it equals 'cuda:0' when that is current."""
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        current = torch.cuda.current_device()
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index or a.index is None or b.index is None
 
 
-def par_probs(image: np.ndarray, cams: torch.Tensor, params: RefineParams,
-              inside: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """[bg; CAMs] at the image's resolution refined by PAR: (1 + K, H, W).
-
-    image (H, W, 3) uint8; cams (K, h, w) patch-grid CAMs, resized bilinearly (cv2, as CLIP-ES);
-    background (1 − max CAM)^p; ``inside`` {k: (H, W) bool} confines class k before and after PAR
-    (PAR propagates across a box edge; a user box is a hard limit).
-    """
-    h, w = image.shape[:2]
-    maps = torch.from_numpy(np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
-                                      for m in _np(cams)])).to(cams.device)
-    inside = {k: m.to(maps.device) for k, m in (inside or {}).items()}
-    for k, mask in inside.items():
-        maps[k] *= mask
-    maps = maps.clamp(0, 1)
-    probs = par_refine(image, torch.cat([background_score(maps, params.bg_power), maps]),
-                       iterations=params.par_iterations)
-    for k, mask in inside.items():
-        probs[1 + k] *= mask
-    return probs
-
-
-def _decoder_affinity(decoder, patch_tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
-    """A_f (n, n) of a decoder for the cached tokens (N − 1, 1, n, D), or None without a decoder."""
-    if decoder is None:
-        return None
-    from .decoder import feature_affinity
-
-    return feature_affinity(decoder.fused_features(patch_tokens, grid))[0].float()
+def _module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -15,44 +15,20 @@ Functions are pure and return tensors on the device (and, for maps, the dtype) o
 from __future__ import annotations
 
 import math
-import numbers
 
 import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
-DISTANCES = ("abs", "signed")
+from . import checks
+from .constants import DISTANCES
 
 # CLIP-ES adds this to the denominator of its min-max normalisation.
 MINMAX_EPS = 1e-7
 
 
 # --------------------------------------------------------------------------- validation helpers
-
-
-def _as_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
-    """`value` as an int in [minimum, maximum]; integer-valued floats (a UI slider's 2.0) are accepted."""
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or not float(value).is_integer():
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{name} must be >= {minimum}{upper}, got {value}")
-    return value
-
-
-def _check_distance(distance: str) -> None:
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-
-
-def _check_threshold(threshold: float) -> float:
-    is_number = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
-    if not is_number or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"box threshold must be a number in [0, 1], got {threshold!r}")
-    return float(threshold)
 
 
 def _check_attn(attn: Tensor, aff_f: Tensor | None = None) -> int:
@@ -67,7 +43,7 @@ def _check_attn(attn: Tensor, aff_f: Tensor | None = None) -> int:
 def _check_size(name: str, size) -> tuple[int, int]:
     if len(size) != 2:
         raise ValueError(f"{name} must be (height, width), got {size!r}")
-    return _as_int(f"{name} height", size[0], 1), _as_int(f"{name} width", size[1], 1)
+    return checks.integer(f"{name} height", size[0], 1), checks.integer(f"{name} width", size[1], 1)
 
 
 def _check_boxes(boxes, image_size: tuple[int, int]) -> list[tuple[float, float, float, float]]:
@@ -113,7 +89,7 @@ def sinkhorn_normalize(aff: Tensor, rounds: int = 3) -> Tensor:
     row sum is replaced by 1, so that line stays zero instead of turning the matrix into NaN.
     Any other input gives the official result unchanged.
     """
-    rounds = _as_int("rounds", rounds, 0)
+    rounds = checks.integer("rounds", rounds, 0)
     for _ in range(rounds):
         aff = aff / _nonzero(aff.sum(dim=0, keepdim=True))
         aff = aff / _nonzero(aff.sum(dim=1, keepdim=True))
@@ -130,7 +106,7 @@ def matrix_power(t: Tensor, alpha: int) -> Tensor:
 
     α must be an integer ≥ 1 (an integer-valued float is accepted); anything else is a ValueError.
     """
-    return torch.linalg.matrix_power(t, _as_int("alpha", alpha, 1))
+    return torch.linalg.matrix_power(t, checks.integer("alpha", alpha, 1))
 
 
 def transition_matrix(aff: Tensor, alpha: int = 2, rounds: int = 3) -> Tensor:
@@ -157,7 +133,7 @@ def auto_boxes_from_cam(cam: Tensor, threshold: float) -> list[tuple[int, int, i
     cam: (h, w) in [0, 1]; NaN counts as 0 and values are clipped to [0, 1] first, because
     casting an out-of-range float to uint8 is undefined.
     """
-    threshold = _check_threshold(threshold)
+    threshold = checks.fraction("box threshold", threshold)
     if cam.dim() != 2:
         raise ValueError(f"cam must be (h, w), got {tuple(cam.shape)}")
     height, width = cam.shape
@@ -281,7 +257,7 @@ def static_affinity(attn: Tensor, static_layers: int = 8) -> Tensor:
     attn: (N, n, n) head-averaged attention of every block, CLS dropped -> (n, n).
     """
     n_layers = _check_attn(attn)
-    static_layers = _as_int("static_layers", static_layers, 1, n_layers)
+    static_layers = checks.integer("static_layers", static_layers, 1, n_layers)
     return attn[n_layers - static_layers:].mean(dim=0)
 
 
@@ -294,8 +270,8 @@ def layer_scores(aff_f: Tensor, attn: Tensor, n0: int, distance: str = "abs") ->
     Returns (N,): S^l for l = N0..N, NaN for l < N0 (not candidates).
     """
     n_layers = _check_attn(attn, aff_f)
-    n0 = _as_int("n0", n0, 1, n_layers)
-    _check_distance(distance)
+    n0 = checks.integer("n0", n0, 1, n_layers)
+    checks.choice("distance", distance, DISTANCES)
     diff = aff_f.unsqueeze(0) - attn[n0 - 1:]  # (N − N0 + 1, n, n)
     if distance == "abs":
         diff = diff.abs()
@@ -310,7 +286,7 @@ def layer_gates(scores: Tensor, distance: str = "abs") -> Tensor:
     The mean runs over the candidates (non-NaN scores). scores: (N,) -> (N,) bool; a NaN score
     compares False, so non-candidates are never kept.
     """
-    _check_distance(distance)
+    checks.choice("distance", distance, DISTANCES)
     mean = torch.nanmean(scores)
     return scores < mean if distance == "abs" else scores <= mean
 
@@ -326,7 +302,7 @@ def rfm_affinity(aff_f: Tensor, attn: Tensor, keep: Tensor, n0: int) -> tuple[Te
     Returns (R (n, n), fallback).
     """
     n_layers = _check_attn(attn, aff_f)
-    n0 = _as_int("n0", n0, 1, n_layers)
+    n0 = checks.integer("n0", n0, 1, n_layers)
     keep = torch.as_tensor(keep, device=attn.device)
     if keep.dtype != torch.bool or tuple(keep.shape) != (n_layers,):
         raise ValueError(f"keep must be a ({n_layers},) bool tensor, got {keep.dtype} {tuple(keep.shape)}")

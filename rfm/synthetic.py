@@ -624,7 +624,8 @@ def write_dataset(out: str | os.PathLike, num: int, seed: int = 0, split: str = 
     from PIL import Image
     from tqdm import tqdm
 
-    from .export import atomic_write, save_label_png
+    from .export import save_label_png
+    from .fileio import atomic_write
 
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}")

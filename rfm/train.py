@@ -20,69 +20,27 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import refine as rf
-from .backbone import FrozenClip, forward_blocks, network_size, resize_image, to_tensor
-from .cam import initial_cam
+from .backbone import FrozenClip, network_size, resize_image
+from .constants import STAGES
 from .data import Sample, load_image
-from .decoder import Decoder, feature_affinity, load_decoder
-from .export import atomic_write, save_json
-from .losses import make_optimizer, poly_warmup_lr, weclip_loss
-from .par import pseudo_label
-from .predictor import RefineParams, par_probs, refine_stages
+from .decoder import Decoder, load_decoder
+from .fileio import atomic_write, save_json
+from .losses import make_optimizer, poly_warmup_lr
+from .par import image_affinity
+from .params import RefineParams, TrainConfig
+from .pipeline import ImageFeatures, decoder_step, encode_image
 from .text import Vocabulary, vocabulary_features
+from .viz import save_training_plot
 
-IGNORE = 255
 LOG_FIELDS = ("step", "loss", "seg", "aff", "lr", "kept_fraction", "rfm", "seconds")
-
-
-@dataclass
-class TrainConfig:
-    steps: int
-    batch_size: int = 4
-    crop: int = 320
-    lr: float = 2e-3  # decoder: base 2e-4 × 10 (REFERENCE §4.3)
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    switch_step: int | None = None  # RFM replaces the static refinement after this step; None = steps // 2
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    save_every: int = 2000
-    eval_every: int = 0
-    seed: int = 0
-    cache_features: bool = False
-    cache_side: int = 512  # long side of the cached scale (the inference scale)
-    embed_dim: int = 256
-    decoder_layers: int = 3
-    aff_radius: int = 8
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "crop", "save_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.switch_step is None:
-            self.switch_step = self.steps // 2
-        self.scale_range = tuple(self.scale_range)
-
-
-@dataclass
-class Crop:
-    """One training view: the decoder's input and what its pseudo label is made from."""
-
-    tokens: torch.Tensor  # (N − 1, 1, n, D) patch tokens of blocks 1..N−1
-    attn: torch.Tensor  # (N, n, n)
-    cams: torch.Tensor  # (K, h, w) initial CAMs
-    image: np.ndarray  # (H, W, 3) uint8 pixels of the view
-    valid: np.ndarray  # (H, W) bool: False on padding
-    grid: tuple[int, int]
-    labels: tuple[int, ...]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -127,16 +85,11 @@ def augment(image: np.ndarray, crop: int, scale_range, gen: torch.Generator) -> 
     return np.ascontiguousarray(canvas[y:y + crop, x:x + crop]), valid[y:y + crop, x:x + crop]
 
 
-def exact_view(clip: FrozenClip, sample: Sample, fg: torch.Tensor, bg: torch.Tensor, config: TrainConfig,
-               gen: torch.Generator) -> Crop:
-    """Backbone and initial CAM on an augmented crop."""
+def exact_view(clip: FrozenClip, sample: Sample, text: tuple[torch.Tensor, torch.Tensor], config: TrainConfig,
+               gen: torch.Generator) -> ImageFeatures:
+    """Stages 1–3 (without a decoder) on an augmented crop, its padding marked invalid."""
     pixels, valid = augment(load_image(sample.image), config.crop, config.scale_range, gen)
-    x = to_tensor(pixels, clip.mean, clip.std, clip.device)
-    blocks = forward_blocks(clip, x)
-    cam = initial_cam(clip, blocks.tokens[-1][0], blocks.grid, fg[list(sample.labels)], bg)
-    return Crop(tokens=torch.stack([t[:, 1:] for t in blocks.tokens]),
-                attn=torch.cat([blocks.attn, cam.attn_last[None]]), cams=cam.cams, image=pixels, valid=valid,
-                grid=blocks.grid, labels=sample.labels)
+    return encode_image(clip, pixels, sample.labels, text, valid=valid)
 
 
 class FeatureCache:
@@ -144,7 +97,7 @@ class FeatureCache:
 
     def __init__(self, folder: Path, clip: FrozenClip, vocab: Vocabulary, side: int, clip_id: str):
         self.folder, self.clip, self.side = folder, clip, side
-        self.fg, self.bg = vocabulary_features(clip, vocab)
+        self.text = vocabulary_features(clip, vocab)
         self.meta = {"clip": clip_id, "side": side, "prompts": list(vocab.prompt_names),
                      "background": list(vocab.background), "template": vocab.template}
 
@@ -164,20 +117,16 @@ class FeatureCache:
                 if known["labels"].get(s.stem) != list(s.labels) or not all(p.is_file() for p in self._paths(s.stem).values())]
         for sample in tqdm(todo, desc="caching features", unit="img", disable=not progress or not todo):
             image = load_image(sample.image)
-            size = network_size(image.shape[:2], self.side, self.clip.patch_size)
-            pixels = resize_image(image, size)
-            with torch.no_grad():
-                blocks = forward_blocks(self.clip, to_tensor(pixels, self.clip.mean, self.clip.std, self.clip.device))
-                cam = initial_cam(self.clip, blocks.tokens[-1][0], blocks.grid, self.fg[list(sample.labels)], self.bg)
-            arrays = {"tokens": torch.stack([t[0, 1:] for t in blocks.tokens]).half().cpu().numpy(),
-                      "attn": torch.cat([blocks.attn, cam.attn_last[None]]).half().cpu().numpy(),
-                      "cams": cam.cams.float().cpu().numpy(), "image": pixels}
+            pixels = resize_image(image, network_size(image.shape[:2], self.side, self.clip.patch_size))
+            f = encode_image(self.clip, pixels, sample.labels, self.text)
+            arrays = {"tokens": f.patch_tokens[:, 0].half().cpu().numpy(), "attn": f.attn.half().cpu().numpy(),
+                      "cams": f.cams.cpu().numpy(), "image": pixels}
             for key, path in self._paths(sample.stem).items():
                 atomic_write(path, lambda f, a=arrays[key]: np.save(f, a), overwrite=True)
             known["labels"][sample.stem] = list(sample.labels)
             save_json(known, meta_path, overwrite=True, indent=None)
 
-    def view(self, sample: Sample, config: TrainConfig, gen: torch.Generator) -> Crop:
+    def view(self, sample: Sample, config: TrainConfig, gen: torch.Generator) -> ImageFeatures:
         """A random crop window and flip of the cached image, applied to tokens, attention, CAMs and pixels."""
         arrays = {k: np.load(p, mmap_mode="r") for k, p in self._paths(sample.stem).items()}
         p = self.clip.patch_size
@@ -194,41 +143,9 @@ class FeatureCache:
         pixels = arrays["image"][r0 * p:(r0 + ch) * p]
         pixel_cols = (cols[:, None] * p + (np.arange(p)[::-1] if flip else np.arange(p))).ravel()
         pixels = np.ascontiguousarray(pixels[:, pixel_cols])
-        return Crop(tokens=tokens[:, None], attn=attn, cams=cams, image=pixels,
-                    valid=np.ones(pixels.shape[:2], bool), grid=(ch, cw), labels=sample.labels)
-
-
-# ---------------------------------------------------------------- one step
-
-
-def pseudo_label_of(crop: Crop, aff_f: torch.Tensor | None, params: RefineParams, use_rfm: bool
-                    ) -> tuple[torch.Tensor, float]:
-    """The view's pseudo label (H, W) long (0 bg, index + 1, 255 on padding) and RFM's kept fraction."""
-    box_mask = rf.box_masks(crop.cams, params.box_threshold)
-    stages = refine_stages(crop.cams, crop.attn, aff_f, params, box_mask)
-    cams = stages.rfm if use_rfm and stages.rfm is not None else stages.static
-    label = pseudo_label(par_probs(crop.image, cams, params), list(crop.labels))
-    label[torch.from_numpy(~crop.valid).to(label.device)] = IGNORE
-    candidates = stages.keep[params.n0 - 1:]
-    return label, float(candidates.float().mean()) if aff_f is not None else float("nan")
-
-
-def train_step(decoder: Decoder, crops: list[Crop], params: RefineParams, use_rfm: bool,
-               aff_radius: int) -> tuple[torch.Tensor, dict]:
-    """Decoder forward on each view, pseudo labels from its detached A_f, WeCLIP loss averaged over views."""
-    total, logs, kept = 0.0, {"seg": 0.0, "aff": 0.0}, []
-    for crop in crops:
-        logits, f_u = decoder(crop.tokens, crop.grid)
-        aff = feature_affinity(f_u)  # (1, n, n)
-        with torch.no_grad():
-            label, fraction = pseudo_label_of(crop, aff[0].detach().float(), params, use_rfm)
-        loss, parts = weclip_loss(logits, aff, label[None].to(logits.device), crop.grid, radius=aff_radius)
-        total = total + loss / len(crops)
-        for k in logs:
-            logs[k] += parts[k] / len(crops)
-        kept.append(fraction)
-    logs["kept_fraction"] = float(np.nanmean(kept)) if not all(math.isnan(k) for k in kept) else float("nan")
-    return total, logs
+        return ImageFeatures(size=pixels.shape[:2], grid=(ch, cw), work_image=pixels, patch_tokens=tokens[:, None],
+                             last_input=None, attn=attn, class_indices=tuple(sample.labels), cams=cams, aff_f=None,
+                             par_affinity=image_affinity(pixels, device=device))
 
 
 # ---------------------------------------------------------------- the run
@@ -284,7 +201,7 @@ def train(samples: list[Sample], clip: FrozenClip, vocab: Vocabulary, params: Re
     if resume:
         optimizer.load_state_dict(state["optimizer"])
 
-    fg, bg = vocabulary_features(clip, vocab)
+    text = vocabulary_features(clip, vocab)
     cache = None
     if config.cache_features:
         cache = FeatureCache(out / "feature_cache", clip, vocab, config.cache_side, clip_id)
@@ -296,19 +213,13 @@ def train(samples: list[Sample], clip: FrozenClip, vocab: Vocabulary, params: Re
         gen = step_generator(config.seed, step)
         torch.manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))  # Dropout2d, reproducibly
         batch = [samples[i] for i in batch_indices(config.seed, step, config.batch_size, len(samples))]
-        crops = [cache.view(s, config, gen) if cache else exact_view(clip, s, fg, bg, config, gen)
-                 for s in batch]
+        views = [cache.view(s, config, gen) if cache else exact_view(clip, s, text, config, gen) for s in batch]
         lr = poly_warmup_lr(step, config.lr, config.steps, warmup_steps=config.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         use_rfm = step >= config.switch_step
-        loss, logs = train_step(decoder, crops, params, use_rfm, config.aff_radius)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        row = {"step": step + 1, "loss": float(loss.detach()), "seg": logs["seg"], "aff": logs["aff"], "lr": lr,
-               "kept_fraction": logs["kept_fraction"], "rfm": int(use_rfm),
-               "seconds": round(time.perf_counter() - started, 3)}
+        out_step = decoder_step(decoder, optimizer, views, params, use_rfm, lr, config.aff_radius)
+        row = {"step": step + 1, "loss": out_step.losses["total"], "seg": out_step.losses["seg"],
+               "aff": out_step.losses["aff"], "lr": lr, "kept_fraction": out_step.kept_fraction,
+               "rfm": int(use_rfm), "seconds": round(time.perf_counter() - started, 3)}
         if config.eval_every and val_samples and (step + 1) % config.eval_every == 0:
             row.update({f"miou_{k}": v for k, v in evaluate_pseudo_labels(clip, decoder, vocab, params,
                                                                             val_samples).items()})
@@ -346,41 +257,6 @@ def _read_log(path: Path, before: int) -> list[dict]:
     return [{**r, "step": int(r["step"]), "rfm": int(r["rfm"])} for r in rows if r["step"] <= before]
 
 
-def save_training_plot(rows: list[dict], path: Path) -> None:
-    """Losses, the fraction of candidate layers RFM kept, and validation mIoU over training (matplotlib)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 3.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    steps = [r["step"] for r in rows]
-    ax = fig.add_subplot(1, 3, 1)
-    for key in ("loss", "seg", "aff"):
-        ax.plot(steps, [r[key] for r in rows], label=key)
-    ax.set_xlabel("step")
-    ax.set_title("losses")
-    ax.legend(fontsize=8)
-    ax = fig.add_subplot(1, 3, 2)
-    ax.plot(steps, [r["kept_fraction"] for r in rows], color="tab:green")
-    switch = next((r["step"] for r in rows if r["rfm"]), None)
-    if switch is not None:
-        ax.axvline(switch, color="0.5", linestyle="--", label="RFM on")
-        ax.legend(fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_title("fraction of layers RFM keeps")
-    ax = fig.add_subplot(1, 3, 3)
-    evals = [r for r in rows if any(k.startswith("miou_") for k in r)]
-    for key in ("initial", "static", "rfm", "label"):
-        if evals and f"miou_{key}" in evals[0]:
-            ax.plot([r["step"] for r in evals], [r[f"miou_{key}"] for r in evals], marker="o", label=key)
-    ax.set_title("validation mIoU of pseudo labels" if evals else "validation: off (--eval-every)")
-    if evals:
-        ax.legend(fontsize=8)
-    ax.set_xlabel("step")
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), overwrite=True)
-
-
 def evaluate_pseudo_labels(clip: FrozenClip, decoder: Decoder, vocab: Vocabulary, params: RefineParams,
                            samples: list[Sample]) -> dict[str, float]:
     """mIoU (%) against the ground truth of the initial, static and RFM CAMs (bg = (1 − max)^p) and of the PAR label."""
@@ -389,18 +265,15 @@ def evaluate_pseudo_labels(clip: FrozenClip, decoder: Decoder, vocab: Vocabulary
     from .metrics import confusion_matrix, labels_from_cams, mean_iou
     from .predictor import Predictor
 
-    was_training = decoder.training
-    predictor = Predictor(clip, vocabulary=vocab, decoder=decoder.eval(), device=clip.device)
+    predictor = Predictor(clip, vocabulary=vocab, decoder=decoder)
     num = len(vocab) + 1
-    conf = {k: np.zeros((num, num + 1), np.int64) for k in ("initial", "static", "rfm", "label")}
+    conf = {k: np.zeros((num, num + 1), np.int64) for k in STAGES}
     for sample in samples:
         predictor.set_image(load_image(sample.image), labels=list(sample.labels))
         result = predictor.refine(params)
         gt = np.asarray(Image.open(sample.gt))
         keys = np.asarray(result.class_indices)
-        for stage in ("initial", "static", "rfm"):
-            pred = labels_from_cams(getattr(result, f"cam_{stage}"), keys, params.bg_power)
-            conf[stage] += confusion_matrix(pred, gt, num)
+        for stage in STAGES[:-1]:
+            conf[stage] += confusion_matrix(labels_from_cams(result.cam(stage), keys, params.bg_power), gt, num)
         conf["label"] += confusion_matrix(result.label, gt, num)
-    decoder.train(was_training)
     return {k: round(100 * mean_iou(c), 3) for k, c in conf.items()}

@@ -636,8 +636,7 @@ class Studio:
     def export_cams(self, session: Session | None):
         """CLIP-ES-style .npy: final refined CAMs (RFM, else static) and the initial CAMs as ``highres``."""
         def write(r):
-            final = r.cam_rfm if r.cam_rfm is not None else r.cam_static
-            return export.save_cams_npy(session.folder / f"{session.stem}_cams.npy", r.class_indices, final,
+            return export.save_cams_npy(session.folder / f"{session.stem}_cams.npy", r.class_indices, r.cam_final,
                                         overwrite=True, highres=r.cam_initial)
         return self._export(session, write)
 

@@ -6,12 +6,13 @@ build a bare :class:`matplotlib.figure.Figure` on the Agg canvas (no pyplot glob
 state), so figures can be made from several threads.
 
 Results are duck-typed: any object with ``class_names``, ``class_indices``,
-``cam_initial``, ``cam_static``, ``cam_rfm`` (or None), ``label``, ``layer_scores``,
+``cam(stage)`` (None for a missing stage), ``label``, ``layer_scores``,
 ``layer_keep``, ``layer_threshold`` and ``params`` (``alpha``, ``n0``, ``distance``).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -21,7 +22,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .export import atomic_write, voc_palette
+from .constants import CAM_STAGES, STAGES
+from .export import voc_palette
+from .fileio import atomic_write
+from .metrics import percent
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -38,7 +42,6 @@ __all__ = [
 ]
 
 _PALETTE = voc_palette()
-_STAGES = ("initial", "static", "rfm")
 _KEPT_COLOUR = "tab:green"
 _REJECTED_COLOUR = "tab:red"
 _INACTIVE_COLOUR = "0.9"
@@ -143,14 +146,10 @@ def _class_panels(image: np.ndarray, result: Any, row: int) -> list[tuple[str, n
     """(title, RGB panel or None) for the four columns of one class row."""
     name = result.class_names[row]
     value = result.class_indices[row] + 1
-    rfm = None if result.cam_rfm is None else overlay_cam(image, result.cam_rfm[row])
-    class_label = np.where(result.label == value, value, 0)
-    return [
-        (f"{name}: initial", overlay_cam(image, result.cam_initial[row])),
-        (f"{name}: static", overlay_cam(image, result.cam_static[row])),
-        (f"{name}: RFM", rfm),
-        (f"{name}: pseudo label", overlay_label(image, class_label)),
-    ]
+    titles = {"initial": "initial", "static": "static", "rfm": "RFM"}
+    panels = [(f"{name}: {titles[stage]}", None if result.cam(stage) is None else overlay_cam(image, result.cam(stage)[row]))
+              for stage in CAM_STAGES]
+    return panels + [(f"{name}: pseudo label", overlay_label(image, np.where(result.label == value, value, 0)))]
 
 
 def _plot_layer_scores(ax: Any, result: Any) -> None:
@@ -187,7 +186,7 @@ def _plot_layer_scores(ax: Any, result: Any) -> None:
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, overwrite: bool = False, dpi: int = 100) -> Path:
-    """Save a figure as PNG through :func:`rfm.export.atomic_write`."""
+    """Save a figure as PNG through :func:`rfm.fileio.atomic_write`."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), overwrite)
 
 
@@ -202,8 +201,8 @@ def save_overlays(
     out_dir = Path(out_dir)
     names = _file_names(result.class_names)
     jobs = []
-    for stage in _STAGES:
-        cams = getattr(result, f"cam_{stage}")
+    for stage in CAM_STAGES:
+        cams = result.cam(stage)
         if cams is not None:
             jobs += [(out_dir / f"{stage}_{name}.png", lambda c=cam: overlay_cam(image, c))
                      for name, cam in zip(names, cams)]
@@ -414,3 +413,87 @@ def loss_curve(losses: Sequence[tuple[int, float, float, float]], current: int |
     title = "loss per step" + ("" if current is None else f"; grey line: step {current} shown")
     cv2.putText(out, title, (x + 8, 15), _FONT, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
     return out
+
+
+def save_training_plot(rows: list[dict], path: Path) -> None:
+    """Losses, the fraction of candidate layers RFM kept, and validation mIoU over training (matplotlib)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    steps = [r["step"] for r in rows]
+    ax = fig.add_subplot(1, 3, 1)
+    for key in ("loss", "seg", "aff"):
+        ax.plot(steps, [r[key] for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_title("losses")
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(1, 3, 2)
+    ax.plot(steps, [r["kept_fraction"] for r in rows], color="tab:green")
+    switch = next((r["step"] for r in rows if r["rfm"]), None)
+    if switch is not None:
+        ax.axvline(switch, color="0.5", linestyle="--", label="RFM on")
+        ax.legend(fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.set_title("fraction of layers RFM keeps")
+    ax = fig.add_subplot(1, 3, 3)
+    evals = [r for r in rows if any(k.startswith("miou_") for k in r)]
+    for key in STAGES:
+        if evals and f"miou_{key}" in evals[0]:
+            ax.plot([r["step"] for r in evals], [r[f"miou_{key}"] for r in evals], marker="o", label=key)
+    ax.set_title("validation mIoU of pseudo labels" if evals else "validation: off (--eval-every)")
+    if evals:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("step")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), overwrite=True)
+
+
+def save_confusion_png(report: EvalReport, path: str | os.PathLike) -> Path:
+    """Row-normalised confusion matrix (each gt row sums to 1) as a PNG, atomically, replacing ``path``.
+
+    Only classes present in the ground truth or the prediction are drawn; an 'ignore' column is
+    added when labelled pixels were predicted as ignore.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    conf = np.asarray(report.confusion, dtype=np.float64)
+    c = report.num_classes
+    shown = np.flatnonzero((conf.sum(axis=1) > 0) | (conf[:, :c].sum(axis=0) > 0))
+    has_ignore = conf.shape[1] > c and conf[:, c].sum() > 0
+    cols = list(shown) + ([c] if has_ignore else [])
+    sub = conf[np.ix_(shown, cols)]
+    rows = conf[shown].sum(axis=1, keepdims=True)
+    norm = np.divide(sub, rows, out=np.full(sub.shape, np.nan), where=rows > 0)
+    row_names = [report.class_names[i] for i in shown]
+    col_names = row_names + (["ignore"] if has_ignore else [])
+
+    n = max(len(row_names), 1)
+    side = min(max(4.0, 0.45 * n + 2.5), 40.0)
+    fig = Figure(figsize=(side + 1.2, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if len(shown):
+        im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of gt row")
+        ax.set_xticks(range(len(col_names)), col_names, rotation=90)
+        ax.set_yticks(range(len(row_names)), row_names)
+        if len(shown) <= 25:
+            for (i, j), v in np.ndenumerate(norm):
+                if np.isfinite(v) and v >= 0.005:
+                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if v > 0.6 else "black")
+        ax.set_xlabel("prediction")
+        ax.set_ylabel("ground truth")
+    else:
+        ax.text(0.5, 0.5, "no labelled pixels", ha="center", va="center")
+        ax.set_axis_off()
+    p = f", bg p={report.bg_power}" if report.bg_power is not None else ""
+    ax.set_title(f"mIoU {percent(report.miou)}%  ({report.num_images} images{p}; rows in % of gt pixels)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    data = buffer.getvalue()
+    return atomic_write(path, lambda f: f.write(data), overwrite=True)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import rfm
+import rfm.pipeline
 from rfm import viz
 from rfm.ui import DISPLAY_SIDE, Models, Session, Studio, Views, build_app, sample_paths
 from conftest import free_port
@@ -72,8 +73,8 @@ def test_slider_change_refines_without_the_clip_forward(studio, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a slider change must not rerun CLIP")
 
-    monkeypatch.setattr(rfm.predictor, "forward_blocks", forbidden)
-    monkeypatch.setattr(rfm.predictor, "initial_cam", forbidden)
+    monkeypatch.setattr(rfm.pipeline, "forward_blocks", forbidden)
+    monkeypatch.setattr(rfm.pipeline, "initial_cam", forbidden)
     session, after = views_of(studio.refine(session, 3, 7, 8, 0.4, 1.0, 20, "abs", "cat", False))
     assert session.result.params.alpha == 3
     assert not np.array_equal(before.static, after.static)

@@ -147,7 +147,7 @@ def test_bad_token_inputs_raise_clear_errors(tokens_shape, grid, match):
 def test_constructor_validation():
     with pytest.raises(ValueError, match="not divisible by heads"):
         Decoder(embed_dim=30, heads=8)
-    with pytest.raises(ValueError, match="num_blocks must be a positive integer"):
+    with pytest.raises(ValueError, match="num_blocks must be ≥ 1"):
         Decoder(num_blocks=0)
 
 

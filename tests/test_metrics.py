@@ -13,24 +13,22 @@ import pytest
 from PIL import Image
 
 from rfm.export import save_cams_npy, save_label_png
+from rfm.cli import build_parser, cmd_eval, parse_bg_powers
 from rfm.metrics import (
     EvalReport,
-    add_eval_parser,
     confusion_matrix,
-    eval_main,
     evaluate_folder,
     format_table,
     iou_per_class,
     labels_from_cams,
     load_cam_npy,
     mean_iou,
-    parse_bg_powers,
     pixel_accuracy,
     precision_recall,
     resolve_class_names,
-    save_confusion_png,
     save_report_json,
 )
+from rfm.viz import save_confusion_png
 
 # ---------------------------------------------------------------------------------------------
 # Metrics on a hand-computable case
@@ -483,9 +481,7 @@ def test_png_wins_over_npy_in_mixed_folder(tmp_path):
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="rfm")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_parse_bg_powers_and_class_names():
@@ -504,15 +500,14 @@ def test_parse_bg_powers_and_class_names():
         resolve_class_names("voc", 81)
 
 
-def test_eval_main_end_to_end(tmp_path, capsys):
+def test_eval_command_end_to_end(tmp_path, capsys):
     masks = _synthetic_gt(tmp_path / "gt")
     for stem, gt in masks.items():
         keys, cams = _cams_for(gt)
         save_cams_npy(tmp_path / "pred" / f"{stem}.npy", keys, cams)
     args = _parse(["eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
                    "--bg-power", "1:3", "--no-progress"])
-    assert args.func is eval_main
-    assert eval_main(args) == 0
+    assert cmd_eval(args) == 0
     out = capsys.readouterr().out
     assert "mIoU" in out and "best bg power   p=2" in out and "horse" in out
     doc = json.loads((tmp_path / "pred_eval.json").read_text())
@@ -524,14 +519,14 @@ def test_eval_main_end_to_end(tmp_path, capsys):
         assert im.format == "PNG"
     # The reports sit beside the prediction folder, never in it, and a second run works.
     assert {p.suffix for p in (tmp_path / "pred").iterdir()} == {".npy"}
-    assert eval_main(args) == 0
+    assert cmd_eval(args) == 0
 
     # PNG predictions, custom class names, explicit output paths
     save_label_png(np.where(masks["img0"] == 8, 3, masks["img0"]).astype(np.uint8), tmp_path / "lab" / "img0.png")
     args = _parse(["eval", "--pred", str(tmp_path / "lab"), "--gt", str(tmp_path / "gt"),
                    "--class-names", ",".join(f"c{i}" for i in range(1, 9)), "--no-progress",
                    "--json", str(tmp_path / "r" / "e.json"), "--confusion-png", str(tmp_path / "r" / "c.png")])
-    assert eval_main(args) == 0
+    assert cmd_eval(args) == 0
     captured = capsys.readouterr()
     assert "2 ground-truth mask(s)" in captured.err
     doc = json.loads((tmp_path / "r" / "e.json").read_text())

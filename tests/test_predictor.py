@@ -1,5 +1,6 @@
 """Predictor: caching, stage wiring against independent recomputation, boxes, validation, inputs."""
 import io
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 import rfm
-from rfm import backbone, predictor as predictor_module
+from rfm import backbone, pipeline
 from rfm.data import ImageError, load_image
 from rfm.decoder import Decoder, feature_affinity
 from rfm.par import par_refine
@@ -78,15 +79,15 @@ def test_result_has_the_public_fields(predictor, photo):
 def test_static_and_rfm_equal_the_equations_written_out(predictor):
     params = rfm.RefineParams(alpha=3, n0=2, static_layers=3, par_iterations=0)
     result = predictor.refine(params)
-    st = predictor._image
-    attn = st["attn_all"].double().numpy()  # (N, n, n)
+    features = predictor.features
+    attn = features.attn.double().numpy()  # (N, n, n)
     cams = result.patch.cam_initial
     box = result.box_mask
     static = _propagate(_sinkhorn_sym_power(attn[-3:].mean(0), 3), cams, box)
     # the pipeline runs in float32, the reference in float64: α = 3 compounds rounding to ~1e-4
     np.testing.assert_allclose(result.patch.cam_static, static, atol=5e-4)
 
-    aff_f = st["aff_f"].double().numpy()
+    aff_f = features.aff_f.double().numpy()
     scores = np.array([np.abs(aff_f - attn[l]).sum() for l in range(1, 4)])  # blocks 2..4
     keep = scores < scores.mean()
     np.testing.assert_allclose(result.layer_scores[1:], scores, rtol=1e-5)
@@ -105,7 +106,7 @@ def test_decoder_affinity_is_computed_from_blocks_one_to_n_minus_one(small_clip,
     blocks = backbone.forward_blocks(small_clip, x)
     tokens = torch.stack([t[:, 1:] for t in blocks.tokens])
     expected = feature_affinity(decoder.fused_features(tokens, blocks.grid))[0]
-    assert torch.allclose(p._image["aff_f"], expected, atol=1e-6)
+    assert torch.allclose(p.features.aff_f, expected, atol=1e-6)
 
 
 def test_pseudo_label_is_par_of_bg_and_refined_cams(predictor, photo):
@@ -123,7 +124,7 @@ def test_pseudo_label_is_par_of_bg_and_refined_cams(predictor, photo):
 
 
 def test_refine_never_reruns_clip_and_set_labels_reruns_only_the_last_block(predictor, monkeypatch):
-    monkeypatch.setattr(predictor_module, "forward_blocks", lambda *a, **k: pytest.fail("backbone rerun"))
+    monkeypatch.setattr(pipeline, "forward_blocks", lambda *a, **k: pytest.fail("backbone rerun"))
     first = predictor.refine(rfm.RefineParams(alpha=1, **SMALL))
     second = predictor.refine(rfm.RefineParams(alpha=4, n0=3, static_layers=2))
     assert not np.allclose(first.patch.cam_static, second.patch.cam_static)
@@ -155,7 +156,7 @@ def test_user_boxes_replace_the_mask_and_clip_the_refined_cams(predictor, photo)
 
 def test_all_zero_and_constant_cams_give_no_nan(predictor):
     for value in (0.0, 0.5):
-        predictor._image["cams"] = torch.full_like(predictor._image["cams"], value)
+        predictor.features = replace(predictor.features, cams=torch.full_like(predictor.features.cams, value))
         result = predictor.refine(rfm.RefineParams(**SMALL))
         for arr in (result.cam_initial, result.cam_static, result.cam_rfm, result.probs):
             assert np.isfinite(arr).all()
@@ -292,7 +293,7 @@ def test_huge_image_is_processed_at_max_side(small_clip):
     image[2000:6000, 3000:9000] = 200
     p = rfm.Predictor(small_clip, device="cpu", max_side=128)
     p.set_image(image, labels=["cat"])
-    assert p._image["grid"] == (8, 8) and p._image["work_image"].shape == (128, 128, 3)
+    assert p.features.grid == (8, 8) and p.features.work_image.shape == (128, 128, 3)
     result = p.refine(rfm.RefineParams(par_iterations=2, **SMALL))
     assert result.probs.shape == (2, 128, 128)
     assert result.label.shape == (10000, 10000)
@@ -300,13 +301,13 @@ def test_huge_image_is_processed_at_max_side(small_clip):
 
 def test_attention_rows_are_the_rows_of_the_patch_under_the_pixel(predictor, photo):
     h, w = photo[0].shape[:2]
-    st = predictor._image
-    gh, gw = st["grid"]
+    features = predictor.features
+    gh, gw = features.grid
     rows = predictor.attention_rows(x=w - 1, y=0)  # top-right pixel → patch (0, gw − 1)
     assert rows.patch == (0, gw - 1)
     i = gw - 1
-    np.testing.assert_allclose(rows.layers, st["attn_all"][:, i].reshape(-1, gh, gw).numpy())
-    np.testing.assert_allclose(rows.decoder, st["aff_f"][i].reshape(gh, gw).numpy())
+    np.testing.assert_allclose(rows.layers, features.attn[:, i].reshape(-1, gh, gw).numpy())
+    np.testing.assert_allclose(rows.decoder, features.aff_f[i].reshape(gh, gw).numpy())
     centre = predictor.attention_rows(x=w / 2, y=h / 2)
     assert centre.patch == (int(gh / 2), int(gw / 2))
     with pytest.raises(ValueError, match="outside"):

@@ -291,8 +291,9 @@ def test_box_mask_value_equal_to_threshold_is_not_foreground():
 
 
 def test_box_mask_empty_cases():
-    for cam in (torch.zeros(6, 7, dtype=F64), torch.full((6, 7), 0.5, dtype=F64)):
-        assert auto_boxes_from_cam(cam, 1.0) == []
+    for threshold in (0.0, 1.0):  # λ ∈ (0, 1) everywhere, as in RefineParams: 0 and 1 select all or nothing
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            auto_boxes_from_cam(torch.full((6, 7), 0.5, dtype=F64), threshold)
     assert auto_boxes_from_cam(torch.zeros(6, 7), 0.4) == []
     assert not box_mask_from_cam(torch.zeros(6, 7), 0.4).any()
     assert not box_mask_from_cam(torch.full((6, 7), float("nan")), 0.4).any()
@@ -311,7 +312,7 @@ def test_box_mask_random_maps_match_reference(seed):
         cam = coarse.repeat_interleave(2, 0).repeat_interleave(2, 1)[:h, :w]
     else:
         cam = torch.rand(h, w, generator=g, dtype=F64) ** (1 + seed % 4)
-    threshold = [0.0, 0.2, 0.4, 0.7, 0.95][seed % 5]
+    threshold = [0.05, 0.2, 0.4, 0.7, 0.95][seed % 5]
     assert_box_mask_matches_reference(cam, threshold)
     assert_box_mask_matches_reference(cam.float().double(), threshold)
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import rfm
-from rfm.batch import file_sha256
+from rfm.fileio import file_sha256
 from rfm.cli import main
 from rfm.data import voc_samples
 from rfm.demo import SYNTHETIC_ARCH, random_builtin_like

@@ -10,10 +10,11 @@ from rfm import train as train_module
 from rfm.cli import main
 from rfm.data import load_image, voc_samples
 from rfm.decoder import Decoder, load_decoder
-from rfm.predictor import RefineParams
+from rfm.params import RefineParams
 from rfm.text import VOC
-from rfm.train import (FeatureCache, TrainConfig, augment, batch_indices, exact_view, step_generator, train,
-                       train_step)
+from rfm.params import TrainConfig
+from rfm.pipeline import decoder_loss
+from rfm.train import FeatureCache, augment, batch_indices, exact_view, step_generator, train
 from rfm.text import vocabulary_features
 
 PARAMS = RefineParams(n0=2, static_layers=3, par_iterations=3)
@@ -30,9 +31,9 @@ def _weights(decoder):
 
 
 def _fixed_views(clip, samples, config, cache=None):
-    fg, bg = vocabulary_features(clip, VOC)
+    text = vocabulary_features(clip, VOC)
     gen = step_generator(123, 0)
-    return [cache.view(s, config, gen) if cache else exact_view(clip, s, fg, bg, config, gen) for s in samples]
+    return [cache.view(s, config, gen) if cache else exact_view(clip, s, text, config, gen) for s in samples]
 
 
 @pytest.mark.parametrize("cached", [True, False])
@@ -47,10 +48,10 @@ def test_training_lowers_the_loss_on_fixed_views(cached, small_clip, samples, tm
         cache.build(samples, progress=False)
     views = _fixed_views(small_clip, samples, config, cache)
     with torch.no_grad():
-        before, _ = train_step(start.eval(), views, PARAMS, False, 8)
+        before, _ = decoder_loss(start.eval(), views, PARAMS, False, 8)
     trained = train(samples, small_clip, VOC, PARAMS, config, tmp_path / "out", decoder=start, progress=False)
     with torch.no_grad():
-        after, _ = train_step(trained.eval(), views, PARAMS, False, 8)
+        after, _ = decoder_loss(trained.eval(), views, PARAMS, False, 8)
     assert float(after) < 0.8 * float(before), (float(before), float(after))
     rows = (tmp_path / "out" / "log.csv").read_text().splitlines()
     assert len(rows) == 17 and rows[0].startswith("step,loss,seg,aff,lr,kept_fraction,rfm,seconds")
@@ -83,7 +84,7 @@ def test_resume_continues_the_same_trajectory(small_clip, samples, tmp_path, mon
     reference = train(samples, small_clip, VOC, PARAMS, config, tmp_path / "a", progress=False)
 
     calls = {"n": 0}
-    original = train_module.train_step
+    original = train_module.decoder_step
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -91,10 +92,10 @@ def test_resume_continues_the_same_trajectory(small_clip, samples, tmp_path, mon
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", interrupted)
+    monkeypatch.setattr(train_module, "decoder_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(samples, small_clip, VOC, PARAMS, config, tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_module, "train_step", original)
+    monkeypatch.setattr(train_module, "decoder_step", original)
     with pytest.raises(FileExistsError, match="--resume"):
         train(samples, small_clip, VOC, PARAMS, config, tmp_path / "b", progress=False)
     other = TrainConfig(steps=8, save_every=3, switch_step=4, cache_features=True, **{**TINY, "crop": 64})
@@ -128,10 +129,10 @@ def test_cached_view_is_a_consistent_crop_and_flip(small_clip, samples, tmp_path
         seen_flip.add(flip)
         cols = np.arange(c, c + cw)[::-1] if flip else np.arange(c, c + cw)
         idx = (np.arange(r, r + ch)[:, None] * w + cols).ravel()
-        np.testing.assert_array_equal(view.tokens[:, 0].numpy(), full["tokens"][:, idx].astype(np.float32))
+        np.testing.assert_array_equal(view.patch_tokens[:, 0].numpy(), full["tokens"][:, idx].astype(np.float32))
         np.testing.assert_array_equal(view.attn.numpy(), full["attn"][:, idx][:, :, idx].astype(np.float32))
         pixels = full["image"][r * 16:(r + ch) * 16, c * 16:(c + cw) * 16]
-        np.testing.assert_array_equal(view.image, pixels[:, ::-1] if flip else pixels)
+        np.testing.assert_array_equal(view.work_image, pixels[:, ::-1] if flip else pixels)
     assert seen_flip == {False, True}
 
 

@@ -37,12 +37,14 @@ def make_result(with_rfm=True, scores=None):
         scores = np.array([np.nan] * 6 + [3.0, 2.0, 1.0, 2.5, 0.5, 1.5])
     finite = scores[np.isfinite(scores)]
     threshold = finite.mean() if finite.size else np.nan
+    by_stage = {"initial": cams[0], "static": cams[1], "rfm": cams[2] if with_rfm else None}
     return types.SimpleNamespace(
         class_names=["cat", "dog"],
         class_indices=[7, 11],
-        cam_initial=cams[0],
-        cam_static=cams[1],
-        cam_rfm=cams[2] if with_rfm else None,
+        cam=by_stage.get,
+        cam_initial=by_stage["initial"],
+        cam_static=by_stage["static"],
+        cam_rfm=by_stage["rfm"],
         label=label,
         layer_scores=scores,
         layer_keep=np.isfinite(scores) & (scores < threshold),

@@ -1,0 +1,71 @@
+"""Files written safely: atomic writes that never overwrite silently, JSON, content hashes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+
+def atomic_write(
+    path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any], overwrite: bool = False
+) -> Path:
+    """Write a file atomically: ``write_fn`` fills a binary file object, then it is moved into place.
+
+    The temporary file lives in the target folder so the final move is a same-filesystem
+    rename. Parent folders are created. Without ``overwrite`` an existing target raises
+    :class:`FileExistsError` and is left untouched; the final step is a hard link, which
+    fails atomically even if another writer created the target meanwhile. On any error
+    the temporary file is removed. Returns the target path.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(exists_message(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(exists_message(path)) from None
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
+def exists_message(path: Path) -> str:
+    return f"{path} exists; pass overwrite=True to replace it"
+
+
+def exists_message(path: Path) -> str:
+    return f"{path} exists; pass overwrite=True to replace it"
+
+
+def save_json(obj: Any, path: str | os.PathLike, overwrite: bool = False, indent: int | None = 2,
+              allow_nan: bool = True) -> Path:
+    """Write ``obj`` as UTF-8 JSON through :func:`atomic_write`. ``allow_nan=False`` refuses NaN/inf
+    (strict JSON) instead of writing the non-standard ``NaN``."""
+    data = json.dumps(obj, indent=indent, allow_nan=allow_nan).encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data), overwrite)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
