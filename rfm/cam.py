@@ -69,31 +69,40 @@ def _layer_norm_input_grad(ln: torch.nn.LayerNorm, x: torch.Tensor, grad_out: to
     return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) / sigma
 
 
-def _grad_through_ln_post(ln: torch.nn.LayerNorm, x: torch.Tensor, grad_token: torch.Tensor,
-                          w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients at the block output (dy2) and at the MLP hidden layer (dy2 · W_proj) when every patch
-    token receives the same cotangent through ln_post (mean pooling), the CLS token none.
+def _grad_through_ln_post(ln: torch.nn.LayerNorm, x: torch.Tensor, grad_token: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient at the block output (dy2) when every patch token receives the same cotangent
+    through ln_post (mean pooling), the CLS token none, and the factors it is made of.
 
-    x (L, D): block output; grad_token (K, D); w_proj (D, 4D): c_proj.weight → ((K, L, D), (K, L, 4D)).
-    With g = γ ⊙ grad_token and x̂ the normalised tokens, dy2_i = (g − mean g − x̂_i (g·x̂_i)/D) / σ_i, so
-    dy2_i · W = ((g − mean g)·W − (x̂_i·W)(g·x̂_i)/D) / σ_i: one class-independent matmul x̂·W instead of K.
+    x (L, D): block output; grad_token (K, D). With g = γ ⊙ grad_token, x̂ the normalised tokens and
+    m_i = [i is a patch] / σ_i:  dy2_i = (g − mean g − s_i x̂_i) m_i,  s_i = g·x̂_i / D.
+    Returns dy2 (K, L, D), g − mean g (K, D), s (K, L, 1), x̂ (L, D), m (L, 1): the factored form lets
+    the MLP backward multiply class-independent terms once instead of K times.
     """
     d = x.shape[-1]
     sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln.eps)  # (L, 1)
     x_hat = (x - x.mean(-1, keepdim=True)) / sigma
-    g = grad_token * ln.weight if ln.weight is not None else grad_token  # (K, D)
+    g = grad_token * ln.weight  # (K, D)
     g_centred = g - g.mean(-1, keepdim=True)
     s = (g @ x_hat.T / d)[:, :, None]  # (K, L, 1)
-    patch = torch.ones_like(sigma)
-    patch[0] = 0  # the CLS token is not pooled
-    dy2 = (g_centred[:, None, :] - s * x_hat) * (patch / sigma)
-    d_hidden = ((g_centred @ w_proj)[:, None, :] - s * (x_hat @ w_proj)) * (patch / sigma)
-    return dy2, d_hidden
+    m = 1 / sigma
+    m[0] = 0  # the CLS token is not pooled
+    dy2 = (g_centred[:, None, :] - s * x_hat) * m
+    return dy2, g_centred, s, x_hat, m
 
 
-def _activation_derivative(act: torch.nn.Module, u: torch.Tensor) -> torch.Tensor:
-    """Elementwise derivative of the MLP activation (QuickGELU for OpenAI CLIP, any elementwise one works)."""
-    return torch.func.jvp(act, (u,), (torch.ones_like(u),))[1]
+def _mlp_input_grad(mlp: torch.nn.Module, u1: torch.Tensor, g_centred: torch.Tensor, s: torch.Tensor,
+                    x_hat: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The gradient at the MLP's input, dy2 · W_proj ⊙ act′(u1) · W_fc, from the factors of dy2.
+
+    dy2_i · W_proj = (a − s_i b_i) m_i with a = (g − mean g) W_proj (per class) and b_i = x̂_i W_proj
+    (per token), so with c_i = act′(u1_i) m_i the result is (a ⊙ c_i) W_fc − s_i (b_i ⊙ c_i) W_fc:
+    the second product is class-independent. u1 (L, 4D) → (K, L, D).
+    """
+    w_proj, w_fc = mlp.c_proj.weight, mlp.c_fc.weight  # (D, 4D), (4D, D)
+    c = mlp.gelu.derivative(u1) * m  # (L, 4D)
+    shared = ((x_hat @ w_proj) * c) @ w_fc  # (L, D)
+    return ((g_centred @ w_proj)[:, None, :] * c) @ w_fc - s * shared
 
 
 def _patch_mean_input_grad(clip: FrozenClip, fw: LastBlock, grad_feature: torch.Tensor) -> torch.Tensor:
@@ -114,9 +123,8 @@ def _patch_mean_input_grad(clip: FrozenClip, fw: LastBlock, grad_feature: torch.
     num = grad_feature.shape[0]
 
     grad_mean_token = grad_feature @ visual.proj.T  # (K, D)
-    dy2, d_mlp_out = _grad_through_ln_post(visual.ln_post, fw.y2, grad_mean_token / n, block.mlp.c_proj.weight)
-    du1 = d_mlp_out * _activation_derivative(block.mlp.gelu, fw.u1)
-    dy = dy2 + _layer_norm_input_grad(block.ln_2, fw.y, du1 @ block.mlp.c_fc.weight)
+    dy2, g_centred, s, x_hat, m = _grad_through_ln_post(visual.ln_post, fw.y2, grad_mean_token / n)
+    dy = dy2 + _layer_norm_input_grad(block.ln_2, fw.y, _mlp_input_grad(block.mlp, fw.u1, g_centred, s, x_hat, m))
     d_o = (dy @ attn.out_proj.weight).reshape(num, -1, heads, d).transpose(1, 2)  # (K, H, L, d)
 
     p = fw.probs_attn  # (H, L, L)

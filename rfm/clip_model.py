@@ -74,6 +74,12 @@ class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
 
+    @staticmethod
+    def derivative(x: torch.Tensor) -> torch.Tensor:
+        """d/dx [x · σ(1.702 x)] = σ(1.702 x) · (1 + 1.702 x (1 − σ(1.702 x))), for GradCAM's hand-made backward."""
+        sig = torch.sigmoid(1.702 * x)
+        return sig * (1 + 1.702 * x * (1 - sig))
+
 
 class Attention(nn.Module):
     """Packed-projection multi-head self-attention with OpenAI's parameter names."""
