@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .backbone import FrozenClip
+from .backbone import FrozenClip, pooled_image_features
 from .clip_model import self_attention
 from .refine import minmax_normalize
 
@@ -44,14 +44,13 @@ class InitialCam:
 
 def forward_last_block(clip: FrozenClip, x: torch.Tensor) -> LastBlock:
     """x (L, D): output of block N − 1 → the last block's intermediates and the CLIP-ES pooled feature."""
-    visual = clip.model.visual
-    block = visual.transformer.resblocks[-1]
+    block = clip.model.visual.transformer.resblocks[-1]
     z = block.ln_1(x)
     att = self_attention(block.attn, z)
     y = x + att.out
     u1 = block.mlp.c_fc(block.ln_2(y))
     y2 = y + block.mlp.c_proj(block.mlp.gelu(u1))
-    feature = visual.ln_post(y2)[1:].mean(0) @ visual.proj
+    feature = pooled_image_features(clip, y2[None])[0]
     return LastBlock(z, att.q, att.k, att.v, att.probs, att.o, y, u1, y2, feature)
 
 

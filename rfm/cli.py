@@ -324,7 +324,9 @@ def parse_bg_powers(text: str) -> tuple[float | int, ...]:
                 f"expected powers like '1,2', '1:10' or '0.1:0.5:0.1', got {text!r}") from None
     if not powers or any(not (math.isfinite(p) and p > 0) for p in powers):
         raise argparse.ArgumentTypeError(f"bg powers must be positive numbers, got {text!r}")
-    return tuple(int(p) if float(p).is_integer() else p for p in powers)
+    from .metrics import power_key
+
+    return tuple(power_key(p) for p in powers)
 
 
 def _add_eval_parser(sub) -> None:

@@ -41,7 +41,7 @@ class ImageFeatures:
     class_indices: tuple[int, ...]  # the K vocabulary indices the CAMs are of
     cams: torch.Tensor  # (K, h, w) initial CAMs M_init in [0, 1]
     aff_f: torch.Tensor | None  # (n, n) decoder affinity A_f = sigmoid(F_uᵀF_u), None without a decoder
-    par_affinity: torch.Tensor  # (8·len(dilations), H', W') PAR's pixel affinity of work_image
+    par_affinity: torch.Tensor | None  # (8·len(dilations), H', W') PAR's pixel affinity of work_image; None: PAR makes it
     valid: np.ndarray | None = None  # (H', W') bool, False on padding of a training crop; None: all valid
 
     @property
@@ -51,12 +51,14 @@ class ImageFeatures:
 
 def encode_image(clip: FrozenClip, image: np.ndarray, class_indices: Sequence[int],
                  text: tuple[torch.Tensor, torch.Tensor], decoder: Decoder | None = None,
-                 max_side: int | None = None, valid: np.ndarray | None = None) -> ImageFeatures:
+                 max_side: int | None = None, valid: np.ndarray | None = None, par_affinity: bool = True
+                 ) -> ImageFeatures:
     """Stages 1–3 of an image: one backbone pass, the CLIP-ES initial CAM of ``class_indices``, A_f, PAR affinity.
 
     image (H, W, 3) uint8 RGB; text = (class features (V, E) of the whole vocabulary, background (B, E)).
     ``max_side``: the CLIP-ES resize rule (network input ceil(side·s/16)·16, PAR at the image scaled
     to max_side); None feeds the image as it is (a training crop whose sides are multiples of the patch).
+    ``par_affinity=False`` skips PAR's affinity for features that will not be refined here (a feature cache).
     """
     h, w = image.shape[:2]
     if max_side is None:
@@ -73,7 +75,7 @@ def encode_image(clip: FrozenClip, image: np.ndarray, class_indices: Sequence[in
             size=(h, w), grid=blocks.grid, work_image=work_image, patch_tokens=patch_tokens, last_input=last_input,
             attn=torch.cat([blocks.attn, attn_last[None]]), class_indices=tuple(int(i) for i in class_indices),
             cams=cams, aff_f=decoder_affinity(decoder, patch_tokens, blocks.grid),
-            par_affinity=image_affinity(work_image, device=clip.device), valid=valid)
+            par_affinity=image_affinity(work_image, device=clip.device) if par_affinity else None, valid=valid)
 
 
 def with_classes(clip: FrozenClip, features: ImageFeatures, class_indices: Sequence[int],
@@ -155,7 +157,7 @@ def par_probs(features: ImageFeatures, cams: torch.Tensor, params: RefineParams,
 
     cams (K, h, w) patch-grid CAMs, resized bilinearly (cv2, as CLIP-ES); background (1 − max CAM)^p;
     ``inside`` {k: (H', W') bool} confines class k before and after PAR (PAR propagates across a box
-    edge; a user box is a hard limit). PAR reuses the features' pixel affinity.
+    edge; a user box is a hard limit). PAR reuses the features' pixel affinity when they hold one.
     """
     h, w = features.work_image.shape[:2]
     maps = torch.from_numpy(np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)

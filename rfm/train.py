@@ -34,7 +34,6 @@ from .data import Sample, load_image
 from .decoder import Decoder, load_decoder
 from .fileio import atomic_write, save_json
 from .losses import make_optimizer, poly_warmup_lr
-from .par import image_affinity
 from .params import RefineParams, TrainConfig
 from .pipeline import ImageFeatures, decoder_step, encode_image
 from .text import Vocabulary, vocabulary_features
@@ -118,7 +117,7 @@ class FeatureCache:
         for sample in tqdm(todo, desc="caching features", unit="img", disable=not progress or not todo):
             image = load_image(sample.image)
             pixels = resize_image(image, network_size(image.shape[:2], self.side, self.clip.patch_size))
-            f = encode_image(self.clip, pixels, sample.labels, self.text)
+            f = encode_image(self.clip, pixels, sample.labels, self.text, par_affinity=False)
             arrays = {"tokens": f.patch_tokens[:, 0].half().cpu().numpy(), "attn": f.attn.half().cpu().numpy(),
                       "cams": f.cams.cpu().numpy(), "image": pixels}
             for key, path in self._paths(sample.stem).items():
@@ -145,7 +144,7 @@ class FeatureCache:
         pixels = np.ascontiguousarray(pixels[:, pixel_cols])
         return ImageFeatures(size=pixels.shape[:2], grid=(ch, cw), work_image=pixels, patch_tokens=tokens[:, None],
                              last_input=None, attn=attn, class_indices=tuple(sample.labels), cams=cams, aff_f=None,
-                             par_affinity=image_affinity(pixels, device=device))
+                             par_affinity=None)
 
 
 # ---------------------------------------------------------------- the run
