@@ -264,4 +264,5 @@ def pseudo_label(probs: Tensor, class_ids: Sequence[int]) -> Tensor:
     if any(c < 0 for c in class_ids):
         raise ValueError(f"class ids must be ≥ 0, got {class_ids}")
     lookup = torch.tensor([0] + [c + 1 for c in class_ids], dtype=torch.int64, device=probs.device)
-    return lookup[probs.argmax(dim=0)]
+    # argmax over a contiguous last axis: torch's argmax over the leading axis is ~10× slower on CPU
+    return lookup[probs.movedim(0, -1).contiguous().argmax(dim=-1)]

@@ -139,15 +139,15 @@ def refine_stages(features: ImageFeatures, params: RefineParams, box_mask: torch
     params.check_blocks(features.num_blocks)
     attn, cams, aff_f = features.attn, features.cams, features.aff_f
     n_blocks = attn.shape[0]
-    static = rf.propagate_cams(rf.transition_matrix(rf.static_affinity(attn, params.static_layers), params.alpha),
-                               cams, box_mask)
+    static = rf.propagate_cams(rf.transition_base(rf.static_affinity(attn, params.static_layers)), cams, box_mask,
+                               params.alpha)
     if aff_f is None:
         return RefinedCams(static, None, torch.full((n_blocks,), float("nan")),
                            torch.zeros(n_blocks, dtype=torch.bool), False)
     scores = rf.layer_scores(aff_f, attn, params.n0, params.distance)
     keep = rf.layer_gates(scores, params.distance)
     r, fallback = rf.rfm_affinity(aff_f, attn, keep, params.n0)
-    rfm = rf.propagate_cams(rf.transition_matrix(r, params.alpha), cams, box_mask)
+    rfm = rf.propagate_cams(rf.transition_base(r), cams, box_mask, params.alpha)
     return RefinedCams(static, rfm, scores, keep, fallback)
 
 

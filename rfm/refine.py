@@ -4,7 +4,7 @@ Everything lives on the patch grid (h, w) with n = h·w tokens in row-major orde
 An affinity or transition matrix is (n, n) with rows = targets i and columns = sources j, so a
 refined map is T · vec(cam).
 
-Static (CLIP-ES):  A = mean of the last 8 blocks' attention,  T = (sym(Sinkhorn(A)))^α,
+Static (CLIP-ES):  A = mean of the last 8 blocks' attention,  T = T₁^α with T₁ = sym(Sinkhorn(A)),
                    M_c = minmax((T ⊙ B_c) · vec(M_c)).
 RFM (WeCLIP):      S^l, G^l, R = A_f/N_m ⊙ Σ_l G^l A_s^l (Eqs. 5-7), then the same T and the same
                    box-masked propagation (Eq. 8).
@@ -101,20 +101,12 @@ def symmetrize(t: Tensor) -> Tensor:
     return (t + t.transpose(-2, -1)) / 2
 
 
-def matrix_power(t: Tensor, alpha: int) -> Tensor:
-    """T^α as a matrix power (α = 2 → T·T), not elementwise, as both official code bases do.
+def transition_base(aff: Tensor, rounds: int = 3) -> Tensor:
+    """T₁ = sym(Sinkhorn(A)), the matrix whose α-th power propagates a CAM (CLIP-ES CAA; WeCLIP Eq. 8's R).
 
-    α must be an integer ≥ 1 (an integer-valued float is accepted); anything else is a ValueError.
+    aff: (n, n) -> (n, n). The power is never formed: ``propagate_cams`` applies T₁ α times.
     """
-    return torch.linalg.matrix_power(t, checks.integer("alpha", alpha, 1))
-
-
-def transition_matrix(aff: Tensor, alpha: int = 2, rounds: int = 3) -> Tensor:
-    """T = (sym(Sinkhorn(A)))^α: the matrix that propagates a CAM (CLIP-ES CAA; WeCLIP Eq. 8's R^α).
-
-    aff: (n, n) -> (n, n).
-    """
-    return matrix_power(symmetrize(sinkhorn_normalize(aff, rounds)), alpha)
+    return symmetrize(sinkhorn_normalize(aff, rounds))
 
 
 # --------------------------------------------------------------------------- box masks
@@ -226,25 +218,30 @@ def boxes_to_pixel_mask(boxes, image_size: tuple[int, int]) -> Tensor:
 # --------------------------------------------------------------------------- propagation
 
 
-def propagate_cams(trans: Tensor, cams: Tensor, box_mask: Tensor) -> Tensor:
-    """M_c ← minmax((T ⊙ B_c) · vec(M_c)) for every class c (CLIP-ES CAA; WeCLIP Eq. 8).
+def propagate_cams(base: Tensor, cams: Tensor, box_mask: Tensor, alpha: int = 1) -> Tensor:
+    """M_c ← minmax((T ⊙ B_c) · vec(M_c)) with T = T₁^α, for every class c (CLIP-ES CAA; WeCLIP Eq. 8).
 
     B_c multiplies T as a row vector, so it zeroes columns: only sources j inside the boxes
     contribute, while every target i, inside the boxes or not, can receive mass. Because
-    (T ⊙ B_c) · v = T · (B_c ⊙ v), all K classes share one (K, n) × (n, n) product.
-    trans: (n, n), cams: (K, h, w), box_mask: (K, h, w) bool -> (K, h, w) in cams' dtype.
+    (T ⊙ B_c) · v = T₁^α · (B_c ⊙ v), all K classes share α products (K, n) × (n, n): α·K·n²
+    multiply-adds instead of the (α − 1)·n³ of forming the matrix power. α is a matrix power
+    (α = 2 → T₁·T₁), not elementwise, as in both official code bases; an integer ≥ 1 (2.0 is accepted).
+    base: (n, n) T₁, cams: (K, h, w), box_mask: (K, h, w) bool -> (K, h, w) in cams' dtype.
     """
+    alpha = checks.integer("alpha", alpha, 1)
     if cams.dim() != 3:
         raise ValueError(f"cams must be (K, h, w), got {tuple(cams.shape)}")
     k, h, w = cams.shape
     n = h * w
-    if tuple(trans.shape) != (n, n):
-        raise ValueError(f"trans must be ({n}, {n}) for a {h}x{w} grid, got {tuple(trans.shape)}")
+    if tuple(base.shape) != (n, n):
+        raise ValueError(f"the transition matrix must be ({n}, {n}) for a {h}x{w} grid, got {tuple(base.shape)}")
     if tuple(box_mask.shape) != tuple(cams.shape):
         raise ValueError(f"box_mask must be {tuple(cams.shape)}, got {tuple(box_mask.shape)}")
-    dtype = torch.promote_types(trans.dtype, cams.dtype)
-    sources = cams.reshape(k, n).to(dtype) * box_mask.reshape(k, n).to(cams.device, dtype)  # (K, n)
-    refined = sources @ trans.to(cams.device, dtype).T  # (K, n): Σ_j T(i, j) · sources(j)
+    dtype = torch.promote_types(base.dtype, cams.dtype)
+    refined = cams.reshape(k, n).to(dtype) * box_mask.reshape(k, n).to(cams.device, dtype)  # (K, n) sources
+    base_t = base.to(cams.device, dtype).T
+    for _ in range(alpha):
+        refined = refined @ base_t  # (K, n): Σ_j T₁(i, j) · refined(j)
     return minmax_normalize(refined.reshape(k, h, w)).to(cams.dtype)
 
 

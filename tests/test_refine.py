@@ -17,14 +17,13 @@ from rfm.refine import (
     boxes_to_pixel_mask,
     layer_gates,
     layer_scores,
-    matrix_power,
     minmax_normalize,
     propagate_cams,
     rfm_affinity,
     sinkhorn_normalize,
     static_affinity,
     symmetrize,
-    transition_matrix,
+    transition_base,
 )
 
 F64 = torch.float64
@@ -196,32 +195,30 @@ def test_symmetrize():
     assert s[1, 3].item() == pytest.approx((a[1, 3].item() + a[3, 1].item()) / 2)
 
 
-def test_matrix_power_is_matrix_not_elementwise():
-    a = rand(5, 5, seed=5)
-    ref = a.numpy()
-    torch.testing.assert_close(matrix_power(a, 1), a)
-    torch.testing.assert_close(matrix_power(a, 2), torch.from_numpy(ref @ ref))
-    torch.testing.assert_close(matrix_power(a, 3), torch.from_numpy(ref @ ref @ ref))
-    assert (matrix_power(a, 2) - a**2).abs().max() > 0.1
-    torch.testing.assert_close(matrix_power(a, 2.0), torch.from_numpy(ref @ ref))  # slider value
+def test_transition_base_is_symmetrised_sinkhorn():
+    a = rand(7, 7, seed=6)
+    s = ref_sinkhorn(a, 3)
+    torch.testing.assert_close(transition_base(a), torch.from_numpy((s + s.T) / 2))
+    assert transition_base(a.float()).dtype == torch.float32
+
+
+def test_propagate_cams_alpha_is_a_matrix_power_not_elementwise():
+    k, h, w = 2, 3, 4
+    base = rand(h * w, h * w, seed=5)
+    cams = rand(k, h, w, seed=7, low=0.0)
+    box = torch.ones(k, h, w, dtype=torch.bool)
+    ref = base.numpy()
+    for alpha, power in ((1, ref), (2, ref @ ref), (3, ref @ ref @ ref), (2.0, ref @ ref)):  # 2.0: a slider value
+        expected = ref_propagate(torch.from_numpy(power), cams, box)
+        torch.testing.assert_close(propagate_cams(base, cams, box, alpha), expected)
+    elementwise = ref_propagate(base**2, cams, box)
+    assert (propagate_cams(base, cams, box, 2) - elementwise).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("alpha", [0, -1, 1.5, float("nan"), True, "2", None])
-def test_matrix_power_rejects_bad_alpha(alpha):
+def test_propagate_cams_rejects_bad_alpha(alpha):
     with pytest.raises(ValueError):
-        matrix_power(torch.eye(3), alpha)
-    with pytest.raises(ValueError):
-        transition_matrix(torch.eye(3), alpha=alpha)
-
-
-def test_transition_matrix_pipeline_and_dtype():
-    a = rand(7, 7, seed=6)
-    s = ref_sinkhorn(a, 3)
-    expected = np.linalg.matrix_power((s + s.T) / 2, 2)
-    torch.testing.assert_close(transition_matrix(a), torch.from_numpy(expected))
-    out32 = transition_matrix(a.float(), alpha=3)
-    assert out32.dtype == torch.float32
-    torch.testing.assert_close(out32, torch.from_numpy(np.linalg.matrix_power((s + s.T) / 2, 3)).float())
+        propagate_cams(torch.eye(4), torch.zeros(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool), alpha)
 
 
 # --------------------------------------------------------------------------- box masks
@@ -418,7 +415,7 @@ def test_propagate_cams_masks_sources_not_targets():
 
 
 def test_propagate_cams_zero_and_constant_cams_give_zeros():
-    trans = transition_matrix(rand(20, 20, seed=12))
+    trans = transition_base(rand(20, 20, seed=12))
     box = torch.ones(2, 4, 5, dtype=torch.bool)
     assert torch.all(propagate_cams(trans, torch.zeros(2, 4, 5), box) == 0)
     assert torch.all(propagate_cams(trans, torch.full((2, 4, 5), 0.3), torch.zeros_like(box)) == 0)
@@ -426,7 +423,7 @@ def test_propagate_cams_zero_and_constant_cams_give_zeros():
     assert torch.all(propagate_cams(uniform, torch.full((2, 4, 5), 0.5), box) == 0)
     # the full pipeline on a constant CAM stays finite and in [0, 1]
     cams = torch.full((2, 4, 5), 0.7)
-    out = propagate_cams(trans.float(), cams, box_masks(cams, 0.4))
+    out = propagate_cams(trans.float(), cams, box_masks(cams, 0.4), alpha=2)
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
 
@@ -555,7 +552,7 @@ def test_rfm_affinity_falls_back_when_nothing_is_kept():
     r, fallback = rfm_affinity(aff_f, attn, torch.zeros(12, dtype=torch.bool), n0=10)
     assert fallback is True
     torch.testing.assert_close(r, aff_f * (attn[9] + attn[10] + attn[11]) / 3)
-    assert torch.isfinite(transition_matrix(r)).all()
+    assert torch.isfinite(transition_base(r)).all()
     # the non-strict signed test keeps a single candidate
     assert layer_gates(layer_scores(aff_f, attn, 12, "signed"), "signed").tolist() == [False] * 11 + [True]
 
@@ -610,8 +607,8 @@ def test_synthetic_rfm_beats_static_refinement():
     assert box[0].any() and not box[0][obj].all()  # the boxes cover only part of O
     r, fallback = rfm_affinity(aff_f, attn, keep, n0)
     assert not fallback
-    cam_rfm = propagate_cams(transition_matrix(r), cam, box)[0]
-    cam_static = propagate_cams(transition_matrix(static_affinity(attn, 8)), cam, box)[0]
+    cam_rfm = propagate_cams(transition_base(r), cam, box, alpha=2)[0]
+    cam_static = propagate_cams(transition_base(static_affinity(attn, 8)), cam, box, alpha=2)[0]
 
     thresholds = [0.3, 0.4, 0.5, 0.6, 0.7]
     iou_init = iou(cam[0] > 0.5, obj)
