@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from rfm.ui import Models, Studio, launch  # after parsing, so --help is instant
+    from rfm.session import Models  # after parsing, so --help is instant
+    from rfm.ui import Studio, launch
 
     try:
         models = Models.load(args.clip, args.decoder, args.device, demo=args.demo)

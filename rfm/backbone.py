@@ -26,7 +26,12 @@ from .paths import CHECKPOINT_DIR, REMAKE_HINT, SYNTHETIC_CLIP
 
 
 class ClipWeightsNotFound(FileNotFoundError):
-    """Raised when CLIP weights are neither on disk nor downloadable."""
+    """Raised when CLIP weights are neither on disk nor downloadable. The message is in plain words;
+    ``detail`` keeps the underlying error (for logs), when there was one."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail
 
 
 def pick_device(device=None) -> torch.device:
@@ -235,7 +240,9 @@ def _download_openai(model_name: str, cache_dir: Path) -> Path:
         # open_clip shows a progress bar and checks the file's SHA256, which is part of the URL.
         downloaded = Path(oc_pretrained.download_pretrained_from_url(cfg["url"], cache_dir=str(cache_dir)))
     except Exception as err:  # no network, proxy refusal, bad checksum: all mean "bring the file yourself"
-        raise ClipWeightsNotFound(f"could not download CLIP weights ({type(err).__name__}: {err}). {hint}") from None
+        raise ClipWeightsNotFound(f"OpenAI's {model_name} weights are not on this machine and could not be "
+                                  f"downloaded (no connection to their server). {hint}",
+                                  detail=f"{type(err).__name__}: {err}") from None
     if downloaded != target:
         os.replace(downloaded, target)
     return target

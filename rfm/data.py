@@ -20,23 +20,74 @@ class ImageError(ValueError):
     """An image that cannot be used, with the reason in words."""
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read any image file Pillow knows into (H, W, 3) uint8 RGB, EXIF orientation applied."""
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file read into the pipeline's pixels, with what the conversion did in words."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8 RGB, EXIF orientation applied
+    format: str | None  # Pillow's name of the file format ("JPEG", "PNG", …)
+    notes: tuple[str, ...]  # conversions a user should know of (16-bit, CMYK, palette, rotation, alpha)
+
+
+# EXIF orientation tag values → what exif_transpose does to show the photo upright
+_ORIENTATIONS = {2: "mirrored", 3: "turned 180°", 4: "flipped vertically", 5: "mirrored and turned 90°",
+                 6: "turned 90° clockwise", 7: "mirrored and turned 90°", 8: "turned 90° anticlockwise"}
+
+
+def read_image(path: str | os.PathLike) -> ImageFile:
+    """Read any image file Pillow knows into (H, W, 3) uint8 RGB, with a clear :class:`ImageError`
+    for empty, unreadable, truncated or oversized files and a note for every lossy conversion."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: the file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()  # decode now: truncated files fail here rather than later
-                return pil_to_rgb(img)
+                notes = _conversion_notes(img, path)
+                return ImageFile(pil_to_rgb(img), img.format, notes)
     except Image.DecompressionBombError:
-        raise ImageError(f"{path}: image is larger than {MAX_PIXELS} pixels; downscale it first") from None
+        raise ImageError(f"{path}: the image has more than {MAX_PIXELS} pixels; downscale it first") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{path}: cannot decode image ({err})") from None
+        if "truncated" in str(err):
+            raise ImageError(f"{path}: the file is truncated (cut off before the end of the image)") from None
+        raise ImageError(f"{path}: cannot decode the image ({err})") from None
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read any image file Pillow knows into (H, W, 3) uint8 RGB, EXIF orientation applied."""
+    return read_image(path).rgb
+
+
+def _conversion_notes(img: Image.Image, path: Path) -> tuple[str, ...]:
+    notes = []
+    if img.mode.startswith("I;16") or _png_bit_depth(path) == 16:
+        notes.append("16-bit image: reduced to 8 bits per channel (scaled, not clipped)")
+    elif img.mode in ("I", "F"):
+        notes.append(f"{'32-bit integer' if img.mode == 'I' else 'floating-point'} image: scaled by its range to "
+                     f"8 bits")
+    if img.mode == "CMYK":
+        notes.append("CMYK image: converted to RGB")
+    if img.mode in ("P", "PA"):
+        notes.append("palette image: converted to RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        notes.append("transparency dropped (the pipeline sees the colours under it)")
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation in _ORIENTATIONS:
+        notes.append(f"EXIF orientation applied: the photo is {_ORIENTATIONS[orientation]}, as viewers show it")
+    return tuple(notes)
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    """Bits per sample from a PNG's IHDR (Pillow opens 48-bit RGB as 8-bit 'RGB' without saying so)."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else None
 
 
 def pil_to_rgb(img: Image.Image) -> np.ndarray:

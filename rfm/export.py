@@ -216,12 +216,14 @@ def save_coco_json(document: dict, path: str | os.PathLike, overwrite: bool = Fa
 
 
 def save_to_voc_dataset(root: str | os.PathLike, stem: str, image: np.ndarray, label: np.ndarray,
-                        overwrite: bool = False) -> int:
+                        overwrite: bool = False, jpeg_bytes: bytes | None = None, split: str = "train") -> int:
     """Add an image and its pseudo label to a VOC-layout folder; returns how many labelled images it holds.
 
-    Writes ``root/JPEGImages/<stem>.png`` (lossless: the pixels the label was made from) and
-    ``root/SegmentationClass/<stem>.png`` (VOC palette). Both targets are checked before either is
-    written, so an existing pair is left whole unless ``overwrite``.
+    Writes ``root/JPEGImages/<stem>.jpg`` (``jpeg_bytes`` as they are when the image came as a JPEG
+    file, so no generation is lost; else the pixels encoded at quality 95), ``root/SegmentationClass/
+    <stem>.png`` (VOC palette) and appends ``stem`` to ``root/ImageSets/Segmentation/<split>.txt``
+    once. Both targets are checked before either is written, so an existing pair is left whole
+    unless ``overwrite``.
     """
     if not stem or Path(stem).name != stem or stem in (".", ".."):
         raise ValueError(f"{stem!r} is not a plain file name")
@@ -231,13 +233,20 @@ def save_to_voc_dataset(root: str | os.PathLike, stem: str, image: np.ndarray, l
     if np.asarray(label).shape != image.shape[:2]:
         raise ValueError(f"label {np.asarray(label).shape} does not match the image's size {image.shape[:2]}")
     root = Path(root)
-    image_path = root / "JPEGImages" / f"{stem}.png"
+    image_path = root / "JPEGImages" / f"{stem}.jpg"
     label_path = root / "SegmentationClass" / f"{stem}.png"
     if not overwrite:
         for path in (image_path, label_path):
             if path.exists():
                 raise FileExistsError(exists_message(path))
     save_label_png(label, label_path, overwrite=overwrite)
-    atomic_write(image_path, lambda f: Image.fromarray(image).save(f, format="PNG"), overwrite)
+    if jpeg_bytes is not None:
+        atomic_write(image_path, lambda f: f.write(jpeg_bytes), overwrite)
+    else:
+        atomic_write(image_path, lambda f: Image.fromarray(image).save(f, format="JPEG", quality=95), overwrite)
+    split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    listed = split_file.read_text().split() if split_file.is_file() else []
+    if stem not in listed:
+        atomic_write(split_file, lambda f: f.write("".join(f"{s}\n" for s in [*listed, stem]).encode()), True)
     images = {p.stem for p in (root / "JPEGImages").iterdir() if p.is_file() and not p.name.startswith(".")}
     return sum(1 for p in (root / "SegmentationClass").glob("*.png") if p.stem in images)

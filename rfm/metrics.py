@@ -260,7 +260,7 @@ def resolve_class_names(spec: str | Sequence[str] | None, num_classes: int | Non
     return names
 
 
-def _read_label_png(path: Path) -> np.ndarray:
+def read_label_png(path: Path) -> np.ndarray:
     """(H, W) integer class-index map of a palette / grayscale PNG."""
     from PIL import Image
 
@@ -348,11 +348,11 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, num_
 
     for stem in tqdm(preds, desc="eval", unit="img", disable=not progress):
         path = preds[stem]
-        gt = _read_label_png(gts[stem])
+        gt = read_label_png(gts[stem])
         if gt.ndim != 2:
             raise ValueError(f"{gts[stem]}: ground truth must be (H, W), got {gt.shape}")
         if pred_format == "png":
-            labels = {None: _read_label_png(path)}
+            labels = {None: read_label_png(path)}
             size = labels[None].shape
         else:
             cams, keys = _read_cams(path, cam_key, num_classes)

@@ -90,6 +90,12 @@ class Result:
                 "rfm": lambda: self.cam_rfm}[stage]()
 
     @property
+    def layer_margins(self) -> np.ndarray:
+        """(N,) ΔS^l per token pair, (S^l − threshold) / (hw)²: below 0 passes the abs test (NaN: not a candidate)."""
+        grid = self.patch.cam_initial.shape[1:]
+        return rf.layer_margins(self.layer_scores, grid[0] * grid[1])
+
+    @property
     def final_stage(self) -> str:
         """The stage PAR and the pseudo label were made from: 'rfm' with a decoder, else 'static'."""
         return "static" if self.patch.cam_rfm is None else "rfm"

@@ -288,6 +288,21 @@ def layer_gates(scores: Tensor, distance: str = "abs") -> Tensor:
     return scores < mean if distance == "abs" else scores <= mean
 
 
+def layer_margins(scores, n_tokens: int):
+    """ΔS^l / n² = (S^l − mean S) / n²: each layer's distance to the selection threshold per token pair.
+
+    S^l sums over n² = (hw)² pairs and is dominated by Σ A_f, so kept and rejected layers differ in
+    its sixth digit; per pair and relative to the threshold the choice G^l reads at a glance
+    (abs: kept iff ΔS^l < 0; signed: kept iff ΔS^l ≤ 0). scores: (N,) numpy or torch, NaN for
+    non-candidates (kept NaN) → (N,) of the same kind.
+    """
+    n_tokens = checks.integer("n_tokens", n_tokens, 1)
+    finite = scores[scores == scores]  # NaN ≠ NaN: the candidates
+    if len(finite) == 0:
+        return scores * float("nan")
+    return (scores - finite.mean()) / float(n_tokens) ** 2
+
+
 def rfm_affinity(aff_f: Tensor, attn: Tensor, keep: Tensor, n0: int) -> tuple[Tensor, bool]:
     """R = A_f / N_m ⊙ Σ_l G^l A_s^l with N_m = Σ_l G^l (WeCLIP Eq. 7).
 

@@ -104,11 +104,12 @@ class Vocabulary:
         return [self.template.format(w) for w in words]
 
 
-VOC = Vocabulary("voc", VOC_CLASSES, VOC_PROMPTS, VOC_BACKGROUND)
-# CLIP-ES spells COCO's classes the VOC way where the two datasets share them
-COCO = Vocabulary("coco", COCO_CLASSES, COCO_PROMPTS, COCO_BACKGROUND, aliases=(
-    ("aeroplane", "airplane"), ("motorbike", "motorcycle"), ("sofa", "couch"), ("pottedplant", "potted plant"),
-    ("diningtable", "dining table"), ("tvmonitor", "tv")))
+# CLIP-ES spells COCO's classes the VOC way where the two datasets share them; each accepts the other's spelling
+_VOC_COCO_SPELLINGS = (("aeroplane", "airplane"), ("motorbike", "motorcycle"), ("sofa", "couch"),
+                       ("pottedplant", "potted plant"), ("diningtable", "dining table"), ("tvmonitor", "tv"))
+VOC = Vocabulary("voc", VOC_CLASSES, VOC_PROMPTS, VOC_BACKGROUND,
+                 aliases=tuple((coco, voc) for voc, coco in _VOC_COCO_SPELLINGS))
+COCO = Vocabulary("coco", COCO_CLASSES, COCO_PROMPTS, COCO_BACKGROUND, aliases=_VOC_COCO_SPELLINGS)
 # The world of rfm.synthetic: the built-in CLIP was trained on its words, with CLIP-ES's template.
 SYNTHETIC = Vocabulary("synthetic", SYNTHETIC_CLASSES, SYNTHETIC_CLASSES, SYNTHETIC_BACKGROUND)
 NAMED = {"voc": VOC, "coco": COCO, "synthetic": SYNTHETIC}

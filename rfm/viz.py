@@ -6,8 +6,9 @@ build a bare :class:`matplotlib.figure.Figure` on the Agg canvas (no pyplot glob
 state), so figures can be made from several threads.
 
 Results are duck-typed: any object with ``class_names``, ``class_indices``,
-``cam(stage)`` (None for a missing stage), ``label``, ``layer_scores``,
-``layer_keep``, ``layer_threshold`` and ``params`` (``alpha``, ``n0``, ``distance``).
+``cam(stage)`` (None for a missing stage), ``label``, ``layer_scores``, ``layer_margins``,
+``layer_keep``, ``layer_threshold``, ``patch.cam_initial`` (for the patch grid) and
+``params`` (``alpha``, ``n0``, ``distance``).
 """
 
 from __future__ import annotations
@@ -153,36 +154,47 @@ def _class_panels(image: np.ndarray, result: Any, row: int) -> list[tuple[str, n
 
 
 def _plot_layer_scores(ax: Any, result: Any) -> None:
-    """Bar chart of S^l per layer (1-indexed) with the selection threshold and G^l colours."""
+    """ΔS^l per token pair (S^l − threshold) / (hw)² for layers 1..N around the threshold at 0:
+    kept layers (G^l = 1) and rejected ones in two colours, layers outside N0..N shaded, N0 marked."""
     from matplotlib.patches import Patch
 
-    scores = np.asarray(result.layer_scores, dtype=float)
+    margins = np.asarray(result.layer_margins, dtype=float)
     keep = np.asarray(result.layer_keep, dtype=bool)
-    layers = np.arange(1, scores.size + 1)
-    active = np.isfinite(scores)
+    layers = np.arange(1, margins.size + 1)
+    active = np.isfinite(margins)
     params = result.params
-    ax.set_title(f"RFM layer selection (distance={params.distance}, α={params.alpha}, N0={params.n0})",
-                 fontsize=10)
+    ax.set_title(f"RFM layer selection (distance={params.distance}, α={params.alpha}, N0={params.n0}): "
+                 f"$\\Delta S^l$ = ($S^l$ − threshold) / (hw)²", fontsize=10)
     ax.set_xlabel("layer l")
-    ax.set_ylabel("$S^l$")
+    ax.set_ylabel("$\\Delta S^l$ per token pair")
     ax.set_xticks(layers)
-    ax.set_xlim(0.5, scores.size + 0.5)
+    ax.set_xlim(0.5, margins.size + 0.5)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     handles = []
     for layer in layers[~active]:
         ax.axvspan(layer - 0.5, layer + 0.5, color=_INACTIVE_COLOUR, zorder=0)
     if (~active).any():
-        handles.append(Patch(color=_INACTIVE_COLOUR, label="outside $N_0$..$N$"))
+        handles.append(Patch(color=_INACTIVE_COLOUR, label="not a candidate (outside $N_0$..$N$)"))
     for mask, colour, text in ((active & keep, _KEPT_COLOUR, "kept ($G^l = 1$)"),
                                (active & ~keep, _REJECTED_COLOUR, "rejected ($G^l = 0$)")):
         if mask.any():
-            handles.append(ax.bar(layers[mask], scores[mask], color=colour, label=text))
-    if np.isfinite(result.layer_threshold):
-        handles.append(ax.axhline(result.layer_threshold, color="k", linestyle="--",
-                                  label=f"threshold = {result.layer_threshold:.4g}"))
-    if not active.any():
+            handles.append(ax.bar(layers[mask], margins[mask], color=colour, label=text))
+    if active.any():
+        span = float(np.abs(margins[active]).max()) or 1.0
+        ax.set_ylim(-1.25 * span, 1.25 * span)  # zero-centred: the threshold is the axis
+        threshold = result.layer_threshold / _tokens(result) ** 2
+        handles.append(ax.axhline(0.0, color="k", linestyle="--", label=f"threshold: {threshold:.6g} per pair"))
+        handles.append(ax.axvline(params.n0 - 0.5, color="0.3", linestyle=":", label=f"$N_0$ = {params.n0}"))
+    else:
         ax.text(0.5, 0.5, "no layer scores", ha="center", va="center", transform=ax.transAxes)
     if handles:
         ax.legend(handles=handles, fontsize=8, loc="best")
+
+
+def _tokens(result: Any) -> int:
+    """hw, the number of patch tokens the scores were summed over (n² pairs)."""
+    h, w = result.patch.cam_initial.shape[1:]
+    return h * w
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, overwrite: bool = False, dpi: int = 100) -> Path:
@@ -235,7 +247,9 @@ __all__ += [
     "draw_boxes",
     "draw_marker",
     "fit",
-    "layer_score_chart",
+    "display_color",
+    "draw_labelled_boxes",
+    "layer_margin_chart",
     "thumbnail",
 ]
 
@@ -283,6 +297,31 @@ def draw_boxes(image: np.ndarray, boxes: Sequence[Sequence[float]], color: Seque
     return out
 
 
+def display_color(rgb: Sequence[int]) -> tuple[int, int, int]:
+    """A class colour made bright enough to read on any heatmap: the VOC palette's dark reds and
+    purples ((64, 0, 0) is cat) are scaled until their largest channel is 255 (black → white)."""
+    top = max(int(c) for c in rgb)
+    return (255, 255, 255) if top == 0 else tuple(min(255, round(int(c) * 255 / top)) for c in rgb)
+
+
+def draw_labelled_boxes(image: np.ndarray, boxes: Sequence[Sequence[float]], color: Sequence[int],
+                        text: str | None = None, scale: float = 1.0, thickness: int = 2) -> np.ndarray:
+    """Boxes legible on any background: a black outline under the (bright) colour, and ``text`` on a
+    tag of that colour at the top-left corner. ``scale`` maps box coordinates to this image's pixels."""
+    out = draw_boxes(image, boxes, (0, 0, 0), thickness + 2, scale)
+    out = draw_boxes(out, boxes, color, thickness, scale)
+    if text:
+        ink = (0, 0, 0) if sum(color) > 380 else (255, 255, 255)
+        (tw, th), base = cv2.getTextSize(text, _FONT, 0.45, 1)
+        for x0, y0, _, _ in boxes:
+            x, y = round(x0 * scale), round(y0 * scale)
+            y = y if y - th - base - 4 >= 0 else y + th + base + 4  # inside the box at the top edge
+            cv2.rectangle(out, (x, y - th - base - 4), (x + tw + 6, y), (0, 0, 0), -1)
+            cv2.rectangle(out, (x + 1, y - th - base - 3), (x + tw + 5, y - 1), tuple(int(c) for c in color), -1)
+            cv2.putText(out, text, (x + 3, y - base - 2), _FONT, 0.45, ink, 1, cv2.LINE_AA)
+    return out
+
+
 def draw_marker(image: np.ndarray, point: tuple[float, float], color: Sequence[int] = (255, 255, 255)) -> np.ndarray:
     """A copy of the RGB image with a cross at pixel (x, y), outlined in black so it shows on any colour."""
     out = _check_image(image).copy()
@@ -326,52 +365,56 @@ def cam_colorbar(width: int = 320, height: int = 40) -> np.ndarray:
     return out
 
 
-def layer_score_chart(scores: np.ndarray, keep: np.ndarray, threshold: float, width: int = 520,
-                      height: int = 220) -> np.ndarray:
-    """Bar chart of S^l for l = 1..N as an RGB image: kept layers green, rejected red, layers outside
-    N0..N (NaN) as grey bands, the selection threshold as a dashed line. The cheap twin of the
-    figure's matplotlib panel, for the interactive view."""
-    scores = np.asarray(scores, dtype=float)
+def layer_margin_chart(margins: np.ndarray, keep: np.ndarray, n0: int, threshold: float | None = None,
+                       width: int = 520, height: int = 220) -> np.ndarray:
+    """ΔS^l per token pair for l = 1..N as an RGB bar chart centred on the selection threshold (the
+    zero line): kept layers green, rejected red, layers outside N0..N as grey bands, N0 marked by a
+    dotted line. ``threshold`` (mean S^l per pair) is printed in the title. OpenCV only: the cheap
+    twin of the figure's matplotlib panel, for the interactive view."""
+    margins = np.asarray(margins, dtype=float)
     keep = np.asarray(keep, dtype=bool)
-    if scores.ndim != 1 or keep.shape != scores.shape:
-        raise ValueError(f"scores and keep must be matching 1-D arrays, got {scores.shape} and {keep.shape}")
+    if margins.ndim != 1 or keep.shape != margins.shape:
+        raise ValueError(f"margins and keep must be matching 1-D arrays, got {margins.shape} and {keep.shape}")
     out = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 8, width - 8, 24, height - 22
-    active = np.isfinite(scores)
-    values = np.concatenate([scores[active]] + ([np.array([threshold])] if np.isfinite(threshold) else []))
-    # the axis spans the scores (not 0..max): S^l of neighbouring layers differ by far less than their size
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    pad = 0.15 * (high - low) or 0.1 * abs(high) or 1.0
-    low, high = low - pad, high + pad
+    left, right, top, bottom = 58, width - 8, 26, height - 22
+    zero = (top + bottom) // 2
+    active = np.isfinite(margins)
+    span = float(np.abs(margins[active]).max()) * 1.15 if active.any() else 0.0
+    span = span or 1.0
 
     def y_of(value: float) -> int:
-        return round(bottom - (value - low) / (high - low) * (bottom - top))
+        return round(zero - value / span * (bottom - top) / 2)
 
-    slot = (right - left) / max(1, scores.size)
-    for i, score in enumerate(scores):
-        x0, x1 = round(left + i * slot + slot * 0.15), round(left + (i + 1) * slot - slot * 0.15)
+    slot = (right - left) / max(1, margins.size)
+    for i, margin in enumerate(margins):
         if not active[i]:
             cv2.rectangle(out, (round(left + i * slot), top), (round(left + (i + 1) * slot) - 1, bottom),
                           INACTIVE_RGB, -1)
         else:
-            colour = KEPT_RGB if keep[i] else REJECTED_RGB
-            cv2.rectangle(out, (x0, y_of(score)), (x1, bottom), colour, -1)
+            x0, x1 = round(left + i * slot + slot * 0.15), round(left + (i + 1) * slot - slot * 0.15)
+            y = y_of(margin)
+            cv2.rectangle(out, (x0, min(y, zero)), (x1, max(y, zero)), KEPT_RGB if keep[i] else REJECTED_RGB, -1)
         label = str(i + 1)
         (tw, _), _ = cv2.getTextSize(label, _FONT, 0.4, 1)
         cv2.putText(out, label, (round(left + (i + 0.5) * slot - tw / 2), height - 6), _FONT, 0.4, (0, 0, 0), 1,
                     cv2.LINE_AA)
-    cv2.line(out, (left, bottom), (right, bottom), (0, 0, 0), 1)
-    for value, y in ((high, top + 10), (low, bottom - 3)):  # the axis does not start at 0: say where it is
-        cv2.putText(out, f"{value:.6g}", (left + 2, y), _FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA)
-    title = "S^l per layer l: green kept, red rejected, grey outside N0..N"
-    if np.isfinite(threshold):
-        y = y_of(threshold)
-        for x in range(left, right, 10):
-            cv2.line(out, (x, y), (min(x + 5, right), y), (0, 0, 0), 1)
-        title += f"; threshold {threshold:.6g} dashed"
-    if not active.any():
+    for x in range(left, right, 10):  # the threshold: ΔS = 0
+        cv2.line(out, (x, zero), (min(x + 5, right), zero), (0, 0, 0), 1)
+    if active.any():
+        for value in (span, 0.0, -span):  # a symmetric axis, in the units the captions use
+            text = "0" if value == 0 else f"{value:+.2e}"
+            cv2.putText(out, text, (2, y_of(value) + 4), _FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA)
+        if 1 <= n0 <= margins.size:
+            x = round(left + (n0 - 1) * slot)
+            for y in range(top, bottom, 6):
+                cv2.line(out, (x, y), (x, min(y + 3, bottom)), (60, 60, 60), 1)
+            cv2.putText(out, f"N0={n0}", (min(x + 3, right - 40), top + 10), _FONT, 0.38, (60, 60, 60), 1, cv2.LINE_AA)
+        title = "dS^l per pair vs threshold: green kept, red rejected, grey not a candidate"
+        if threshold is not None and np.isfinite(threshold):
+            title = f"dS^l = (S^l - threshold)/(hw)^2; threshold {threshold:.6g}/pair"
+    else:
         title = "no layer scores (RFM needs a decoder)"
-    cv2.putText(out, title, (left, 15), _FONT, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(out, title, (4, 15), _FONT, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
     return out
 
 

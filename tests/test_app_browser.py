@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from rfm import viz
-from rfm.ui import sample_paths
+from rfm.session import sample_classes, sample_paths
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_explore_views_layers_and_download(page):
     page.locator("#view-initial img").click(position={"x": 120, "y": 90})
     page.wait_for_function("document.querySelectorAll('#layers img').length === 12")
     captions = page.locator("#layers").inner_text()
-    assert "l=1 · S=– · not a candidate" in captions and "l=11 · S=" in captions
+    assert "l=1 · not a candidate (l < N0 = 10)" in captions and "l=11 · " in captions and "ΔS/pair" in captions
     assert "kept" in captions and page.locator("#affinity img").count() == 1
     assert int(page.locator("#pixel-x input").input_value()) > 0
 
@@ -252,8 +252,6 @@ def test_builtin_model_opens_on_generated_scenes_and_shows_every_stage(browser, 
     assert "real photographs mean little" in page.locator("#builtin-banner").inner_text()
     assert page.locator("#vocabulary input[value=Synthetic]").is_checked()
     first = sample_paths()[0]
-    from rfm.ui import sample_classes
-
     classes = sample_classes(first)
     page.locator("#samples img").first.click()
     for view in ("view-initial", "view-static", "view-rfm", "view-label"):

@@ -198,24 +198,34 @@ def test_save_to_voc_dataset(tmp_path):
     from rfm.export import save_to_voc_dataset
 
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (12, 17, 3), dtype=np.uint8)
-    label = rng.integers(0, 3, (12, 17), dtype=np.uint8)
+    yy, xx = np.mgrid[:24, :32]
+    image = np.stack([yy * 8, xx * 6, 255 - yy * 4], axis=-1).astype(np.uint8)  # smooth: JPEG-friendly
+    label = rng.integers(0, 3, image.shape[:2], dtype=np.uint8)
     assert save_to_voc_dataset(tmp_path, "a", image, label) == 1
     assert save_to_voc_dataset(tmp_path, "b", image, label) == 2
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "JPEGImages" / "a.png")), image)
+    written = Image.open(tmp_path / "JPEGImages" / "a.jpg")
+    assert written.format == "JPEG" and not (tmp_path / "JPEGImages" / "a.png").exists()
+    assert np.abs(np.asarray(written).astype(int) - image).mean() < 3  # quality 95
     saved = Image.open(tmp_path / "SegmentationClass" / "a.png")
     assert saved.mode == "P"
     np.testing.assert_array_equal(np.asarray(saved), label)
+    assert (tmp_path / "ImageSets" / "Segmentation" / "train.txt").read_text() == "a\nb\n"
 
-    before = (tmp_path / "JPEGImages" / "a.png").read_bytes()
+    before = (tmp_path / "JPEGImages" / "a.jpg").read_bytes()
     with pytest.raises(FileExistsError, match="overwrite"):
         save_to_voc_dataset(tmp_path, "a", image[::-1].copy(), label)
-    assert (tmp_path / "JPEGImages" / "a.png").read_bytes() == before
+    assert (tmp_path / "JPEGImages" / "a.jpg").read_bytes() == before
+    # an overwrite counts the image once, in the folder and in the split
     assert save_to_voc_dataset(tmp_path, "a", image[::-1].copy(), label, overwrite=True) == 2
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "JPEGImages" / "a.png")), image[::-1])
+    assert (tmp_path / "ImageSets" / "Segmentation" / "train.txt").read_text() == "a\nb\n"
+    assert (tmp_path / "JPEGImages" / "a.jpg").read_bytes() != before
+    # a JPEG upload is kept byte for byte: no second lossy generation
+    original = (tmp_path / "JPEGImages" / "b.jpg").read_bytes()
+    assert save_to_voc_dataset(tmp_path, "c", image, label, jpeg_bytes=original) == 3
+    assert (tmp_path / "JPEGImages" / "c.jpg").read_bytes() == original
 
     with pytest.raises(ValueError, match="plain file name"):
         save_to_voc_dataset(tmp_path, "../escape", image, label)
     with pytest.raises(ValueError, match="does not match"):
-        save_to_voc_dataset(tmp_path, "c", image, label[:5])
+        save_to_voc_dataset(tmp_path, "d", image, label[:5])
     assert not list(tmp_path.glob("**/.*.tmp"))

@@ -17,6 +17,8 @@ LAYERS = [
     {"pipeline"},
     {"predictor", "train", "batch"},
     {"__init__"},  # the public API: `import rfm`
+    {"session"},
+    {"render"},
     {"cli", "ui"},
     {"__main__"},
 ]

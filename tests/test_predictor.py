@@ -275,7 +275,7 @@ def test_unreadable_truncated_and_tiny_images_are_refused(tmp_path, small_clip):
         load_image(tmp_path / "text.png")
     data = _png_bytes(Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 90), "JPEG")
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageError, match="cannot decode"):
+    with pytest.raises(ImageError, match="truncated"):
         load_image(tmp_path / "cut.jpg")
     with pytest.raises(ImageError, match="no such file"):
         load_image(tmp_path / "missing.jpg")

@@ -183,7 +183,7 @@ def test_clip_synthetic_leaves_an_explicit_vocabulary_alone(command):
 
 
 def test_app_starts_on_the_builtin_model_without_openai_weights(monkeypatch, tmp_path):
-    import rfm.ui as ui
+    import rfm.session as ui
 
     monkeypatch.setattr(ui, "CHECKPOINT_DIR", tmp_path)  # no ViT-B-16.pt here
     models = ui.Models.load(device="cpu")

@@ -49,6 +49,8 @@ def make_result(with_rfm=True, scores=None):
         layer_scores=scores,
         layer_keep=np.isfinite(scores) & (scores < threshold),
         layer_threshold=threshold,
+        layer_margins=(scores - threshold) / (4 * 5) ** 2,  # a 4×5 patch grid: 400 token pairs
+        patch=types.SimpleNamespace(cam_initial=np.zeros((2, 4, 5), np.float32)),
         params=types.SimpleNamespace(alpha=2, n0=7, distance="abs", box_threshold=0.4),
     )
 
@@ -132,9 +134,11 @@ def test_layer_panel_colours_kept_and_rejected(image):
     ax = side_by_side_figure(image, result).axes[-1]
     labels = ax.get_legend_handles_labels()[1]
     assert "kept ($G^l = 1$)" in labels and "rejected ($G^l = 0$)" in labels
-    assert any(label.startswith("threshold") for label in labels)
+    assert any(label.startswith("threshold: ") for label in labels) and "$N_0$ = 7" in labels
     heights = sorted(bar.get_height() for bars in ax.containers for bar in bars)
-    assert heights == sorted(result.layer_scores[6:])
+    # bars are ΔS^l per pair from the threshold: the below-threshold (kept) ones point down
+    np.testing.assert_allclose(heights, sorted((result.layer_scores[6:] - 1.75) / 400))
+    assert ax.get_ylim()[0] == -ax.get_ylim()[1]
 
 
 def test_save_overlays(tmp_path, image):
