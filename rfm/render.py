@@ -243,7 +243,10 @@ def legend_html(result) -> str:
 def selection_line(result) -> str:
     """Which layers RFM kept, and every candidate's ΔS^l per pair against the threshold."""
     kept = [str(l) for l, k in enumerate(result.layer_keep, start=1) if k]
-    line = (f"Classes: {', '.join(result.class_names)} · RFM kept layers: {', '.join(kept) if kept else 'none'}")
+    p = result.params
+    line = (f"Classes: {', '.join(result.class_names)} · RFM kept layers: {', '.join(kept) if kept else 'none'} · "
+            f"shown with α {p.alpha}, N0 {p.n0}, λ {p.box_threshold:g}, static {p.static_layers}, p {p.bg_power:g}, "
+            f"PAR {p.par_iterations}, {p.distance}")
     margins = result.layer_margins
     if np.isfinite(margins).any():
         rule = "kept if < 0" if result.params.distance == "abs" else "kept if ≤ 0"

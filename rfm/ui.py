@@ -15,9 +15,9 @@ from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import gradio as gr
-from gradio_image_annotation import image_annotator
 
 from . import viz
+from .components import LenientSlider, OriginalFileAnnotator
 from .demo import DEMO_WARNING
 from .paths import ASSETS_DIR, SYNTHETIC_DIR
 from .render import Display, Views, loss_plot, render, replay_range
@@ -46,26 +46,6 @@ CSS = """
 #status {font-size: 0.9em}
 .banner p {margin: 0}
 """
-
-
-def original_file_annotator(**kwargs) -> image_annotator:
-    """The box-drawing image input, handing on the uploaded file itself. Its own preprocessing
-    decodes and re-encodes every upload (another JPEG generation, 16-bit clipped to white, an
-    error badge for a damaged file); ``rfm.data`` reads the original instead and says what is wrong.
-    Rebound on the instance: a subclass would be a new custom component whose frontend Gradio
-    cannot find."""
-    annotator = image_annotator(**kwargs)
-    annotator.preprocess_image = lambda image: None if image is None else str(image.path)
-    return annotator
-
-
-def lenient_slider(*args, **kwargs) -> gr.Slider:
-    """A slider that passes a typed value outside its range on (Gradio's own check answers with an
-    error badge); ``Controls.clamped`` brings it inside and the status says so. Rebound on the
-    instance, as for the annotator (a subclass would be a new component to Gradio)."""
-    slider = gr.Slider(*args, **kwargs)
-    slider.preprocess = lambda payload: payload
-    return slider
 
 
 class Studio:
@@ -329,7 +309,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                                     variant="primary", elem_id="demo-button")
         with gr.Row():
             with gr.Column(scale=3, min_width=300):
-                annotator = original_file_annotator(
+                annotator = OriginalFileAnnotator(
                     label="Image — drag to draw a box that confines a class", image_type="filepath", label_list=[],
                     sources=["upload", "clipboard"], show_remove_button=True, box_min_size=4, height=260,
                     elem_id="annotator")
@@ -362,17 +342,17 @@ def build_app(studio: Studio) -> gr.Blocks:
                                                   elem_classes="view", buttons=["fullscreen"], min_width=150))
                 rfm_note = gr.Markdown(NO_DECODER, visible=False, elem_id="rfm-note")
                 with gr.Row():
-                    alpha = lenient_slider(1, 4, d.alpha, step=1, label="α (matrix power)", elem_id="alpha")
-                    n0 = lenient_slider(1, n_blocks, d.n0, step=1, label=f"N0 (first RFM layer, 1..{n_blocks})",
+                    alpha = LenientSlider(1, 4, d.alpha, step=1, label="α (matrix power)", elem_id="alpha")
+                    n0 = LenientSlider(1, n_blocks, d.n0, step=1, label=f"N0 (first RFM layer, 1..{n_blocks})",
                                        elem_id="n0")
-                    box_threshold = lenient_slider(0.05, 0.95, d.box_threshold, step=0.05, label="box threshold λ",
+                    box_threshold = LenientSlider(0.05, 0.95, d.box_threshold, step=0.05, label="box threshold λ",
                                                   elem_id="box-threshold")
                 with gr.Row():
-                    static_layers = lenient_slider(1, n_blocks, d.static_layers, step=1, elem_id="static-layers",
+                    static_layers = LenientSlider(1, n_blocks, d.static_layers, step=1, elem_id="static-layers",
                                                   label="static layers (last blocks averaged)")
-                    bg_power = lenient_slider(0.25, 4, d.bg_power, step=0.25, label="background power p",
+                    bg_power = LenientSlider(0.25, 4, d.bg_power, step=0.25, label="background power p",
                                              elem_id="bg-power")
-                    par_iterations = lenient_slider(0, 50, d.par_iterations, step=1, elem_id="par-iterations",
+                    par_iterations = LenientSlider(0, 50, d.par_iterations, step=1, elem_id="par-iterations",
                                                    label="PAR iterations (0 = off)")
                 with gr.Row(equal_height=True):
                     distance = gr.Radio(DISTANCES, value=d.distance, label="RFM distance", elem_id="distance", scale=4)

@@ -1,4 +1,6 @@
 """Shared fixtures: small random CLIPs built locally (no weights can be downloaded here) and voc-mini."""
+import io
+import os
 import socket
 from pathlib import Path
 
@@ -54,3 +56,47 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the browser tests' shared pieces
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium through Playwright (it cannot download its own browser here)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: run `apt-get install chromium` (the browser tests need it; "
+                    f"Playwright cannot download its own browser here)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def src(page, view: str) -> str | None:
+    return page.locator(f"#{view} img").first.get_attribute("src") if page.locator(f"#{view} img").count() else None
+
+
+def wait_new_src(page, view: str, old: str | None) -> str:
+    page.wait_for_function("([sel, old]) => { const img = document.querySelector(sel);"
+                           " return img !== null && img.src !== old; }", arg=[f"#{view} img", old or ""])
+    return src(page, view)
+
+
+def fetch_rgb(page, url: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(page.request.get(url).body())).convert("RGB"))
+
+
+def set_slider(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")

@@ -16,7 +16,7 @@ from PIL import Image
 
 import rfm
 import rfm.pipeline
-from rfm import metrics, viz
+from rfm import viz
 from rfm.render import Display, Views, layer_caption, render
 from rfm.session import (DISPLAY_SIDE, Controls, FairLock, Models, Session, UserMessage, map_classes,
                          sample_classes, sample_mask, sample_paths)

@@ -1,7 +1,6 @@
 """The web app in a real browser: Playwright drives headless Debian Chromium against ``app.py --demo``
 started on a free localhost port. A full-page screenshot is kept under tests/artifacts/."""
 import io
-import os
 import subprocess
 import sys
 import time
@@ -14,17 +13,11 @@ from PIL import Image
 
 from rfm import viz
 from rfm.session import sample_classes, sample_paths
-from conftest import free_port
+from conftest import TIMEOUT_MS, fetch_rgb, free_port, set_slider, src, wait_new_src
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CHELSEA = ROOT / "assets" / "chelsea.png"  # 451×300, a cat
-TIMEOUT_MS = 30_000
-
-
 def _serve(args: list[str], log: Path):
     """Start app.py with ``args`` on a free port; yields its URL until the module's tests are done."""
     port = free_port()
@@ -58,19 +51,6 @@ def builtin_url(tmp_path_factory):
     yield from _serve(["--clip", "synthetic"], tmp_path_factory.mktemp("app") / "builtin.log")
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: run `apt-get install chromium` (the browser tests need it; "
-                    f"Playwright cannot download its own browser here)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
 def page(browser, app_url):
     context = browser.new_context(viewport={"width": 1600, "height": 1200}, accept_downloads=True)
@@ -82,31 +62,11 @@ def page(browser, app_url):
     context.close()
 
 
-def src(page, view: str) -> str | None:
-    return page.locator(f"#{view} img").first.get_attribute("src") if page.locator(f"#{view} img").count() else None
-
-
-def wait_new_src(page, view: str, old: str | None) -> str:
-    page.wait_for_function("([sel, old]) => { const img = document.querySelector(sel);"
-                           " return img !== null && img.src !== old; }", arg=[f"#{view} img", old or ""])
-    return src(page, view)
-
-
-def fetch_rgb(page, url: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(page.request.get(url).body())).convert("RGB"))
-
-
 def pick_chelsea(page):
     index = [p.stem for p in sample_paths()].index("chelsea")
     page.locator("#samples img").nth(index).click()
     wait_new_src(page, "view-label", None)
     page.wait_for_function("document.querySelector('#status').innerText.includes('Classes: cat')")
-
-
-def set_slider(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
 
 
 def test_explore_views_layers_and_download(page):

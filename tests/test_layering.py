@@ -19,6 +19,7 @@ LAYERS = [
     {"__init__"},  # the public API: `import rfm`
     {"session"},
     {"render"},
+    {"components"},  # the studio's Gradio inputs
     {"cli", "ui"},
     {"__main__"},
 ]
