@@ -104,8 +104,8 @@ def in_browser(studio: Studio, photo: Path, repeats: int) -> tuple[list[float], 
             for i in range(repeats + 1):
                 old = [page.locator(f"#{v} img").get_attribute("src") for v in ("view-static", "view-rfm", "view-label")]
                 box = page.locator("#alpha input[type=number]")
+                t0 = time.perf_counter()  # before typing: the number box may send its input event already
                 box.fill(str(3 if i % 2 == 0 else 2))
-                t0 = time.perf_counter()
                 box.press("Enter")
                 page.wait_for_function(
                     "(old) => ['#view-static img', '#view-rfm img', '#view-label img'].every((sel, k) => {"
@@ -121,8 +121,8 @@ def in_browser(studio: Studio, photo: Path, repeats: int) -> tuple[list[float], 
             box = page.locator("#box-threshold input[type=number]")
             sent = []
             for value in values:
-                box.fill(str(value))
                 sent.append((page.evaluate("performance.now()"), value))
+                box.fill(str(value))
                 box.press("Enter")
                 page.wait_for_timeout(300)
             page.wait_for_function(f"() => window.__status.some(([t, s]) => s.includes('λ {values[-1]:g},'))")
