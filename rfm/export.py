@@ -14,6 +14,7 @@ target folder, fsynced, then moved into place, and never overwriting unless aske
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -215,6 +216,9 @@ def save_coco_json(document: dict, path: str | os.PathLike, overwrite: bool = Fa
     return save_json(document, path, overwrite, indent=None)
 
 
+_SPLIT_LOCK = threading.Lock()
+
+
 def save_to_voc_dataset(root: str | os.PathLike, stem: str, image: np.ndarray, label: np.ndarray,
                         overwrite: bool = False, jpeg_bytes: bytes | None = None, split: str = "train") -> int:
     """Add an image and its pseudo label to a VOC-layout folder; returns how many labelled images it holds.
@@ -245,8 +249,9 @@ def save_to_voc_dataset(root: str | os.PathLike, stem: str, image: np.ndarray, l
     else:
         atomic_write(image_path, lambda f: Image.fromarray(image).save(f, format="JPEG", quality=95), overwrite)
     split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    listed = split_file.read_text().split() if split_file.is_file() else []
-    if stem not in listed:
-        atomic_write(split_file, lambda f: f.write("".join(f"{s}\n" for s in [*listed, stem]).encode()), True)
+    with _SPLIT_LOCK:  # read-modify-write: two sessions adding at once must not drop a line
+        listed = split_file.read_text().split() if split_file.is_file() else []
+        if stem not in listed:
+            atomic_write(split_file, lambda f: f.write("".join(f"{s}\n" for s in [*listed, stem]).encode()), True)
     images = {p.stem for p in (root / "JPEGImages").iterdir() if p.is_file() and not p.name.startswith(".")}
     return sum(1 for p in (root / "SegmentationClass").glob("*.png") if p.stem in images)

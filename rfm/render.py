@@ -123,7 +123,8 @@ def render(session: Session, display: Display = Display(), message: str | None =
     initial, static, rfm = (cached(stage, (_digest(maps), *common), lambda s=stage: cam_view(s))
                             for stage, maps in (("initial", patch.cam_initial), ("static", patch.cam_static),
                                                 ("rfm", patch.cam_rfm)))
-    label_key = (_Same(upload), _digest(result.probs), tuple(sorted(session.boxes.items())), display.show_auto,
+    label_key = (_Same(upload), _digest(result.probs), tuple(result.class_indices),
+                 tuple(sorted(session.boxes.items())), display.show_auto,
                  marker, tuple(map(tuple, result.auto_boxes.items())) if display.show_auto else ())
     label = cached("label", label_key, lambda: label_view(session, display.show_auto, marker))
     selection = (_digest(result.layer_scores, result.layer_keep), result.params.n0)

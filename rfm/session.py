@@ -40,6 +40,7 @@ SAMPLE_CLASSES = {"astronaut": ("person",), "chelsea": ("cat",), "coffee": ("cup
 DISPLAY_SIDE = 768  # views are drawn at most this large; exports keep the original resolution
 # at most this many A_f snapshots per adaptation: each is an (n, n) float32 matrix (4 MB at 512 px), kept per session
 MAX_SNAPSHOTS = 20
+MAX_ADAPT_STEPS = 200  # the slider's end: each step is a decoder forward and backward on this image
 VOCABULARIES = {"Synthetic": "synthetic", "VOC": "voc", "COCO": "coco", "custom": None}
 STAGE_TITLES = {"initial": "initial", "static": "static", "rfm": "RFM", "label": "label"}
 
@@ -159,14 +160,15 @@ class Controls:
         for name, (low, high) in self.LIMITS.items():
             high = num_blocks if high is None else high
             raw = getattr(self, name)
-            value = low if raw is None or (isinstance(raw, float) and math.isnan(raw)) else raw
-            value = min(max(value, low), high)
+            empty = raw is None or (isinstance(raw, float) and math.isnan(raw))
+            value = getattr(Controls, name) if empty else min(max(raw, low), high)  # empty: the default
             if isinstance(low, int):
                 value = int(round(value))
-            if raw is None:
+            if empty:
                 notes.append(f"{self.SYMBOLS[name]} was empty: using {value}")
             elif value != raw:
-                notes.append(f"{self.SYMBOLS[name]} = {raw:g} is outside {low}..{high}: using {value}")
+                why = f"is outside {low}..{high}" if not low <= raw <= high else "is not a whole number"
+                notes.append(f"{self.SYMBOLS[name]} = {raw:g} {why}: using {value}")
             values[name] = value
         distance = self.distance if self.distance in ("abs", "signed") else "abs"
         return replace(self, distance=distance, **values), notes
@@ -191,7 +193,7 @@ class Upload:
     name: str  # the file's own name (the path may be a server cache copy)
     rgb: np.ndarray  # (H, W, 3) uint8, original resolution, EXIF orientation applied
     notes: tuple[str, ...]
-    jpeg_bytes: bytes | None  # the file itself when it is a JPEG without rotation: "Add to dataset" keeps it
+    jpeg_bytes: bytes | None  # the file itself when it is a plain RGB JPEG: "Add to dataset" keeps it
     display: np.ndarray  # the image as the views show it (long side ≤ DISPLAY_SIDE)
 
     @property
@@ -215,8 +217,8 @@ def read_upload(path: str | Path, max_side: int) -> Upload:
     notes = list(image.notes)
     if max(height, width) > max_side:
         notes.append(f"{width}×{height} image: analysed at long side {max_side}, exported at full size")
-    rotated = any(n.startswith("EXIF orientation") for n in notes)
-    jpeg = path.read_bytes() if image.format == "JPEG" and not rotated else None
+    # the file's own bytes only when they are what the pipeline saw (not CMYK, not turned by EXIF)
+    jpeg = path.read_bytes() if image.format == "JPEG" and not image.notes else None
     return Upload(path, path.name, image.rgb, tuple(notes), jpeg, viz.thumbnail(image.rgb, DISPLAY_SIDE))
 
 
@@ -274,6 +276,7 @@ def vocabulary_spec(kind: str | None, custom: str | None) -> str:
 class GroundTruth:
     name: str
     mask: np.ndarray  # (H, W) integer: 0 background, class index + 1, 255 ignore
+    class_names: tuple[str, ...]  # the vocabulary whose numbering the mask uses
 
 
 @dataclass(frozen=True)
@@ -300,7 +303,7 @@ def read_ground_truth(path: str | Path, vocabulary: Vocabulary, size: tuple[int,
     if bad.size:
         raise UserMessage(f"⚠️ Ground-truth mask not used: values {bad[:5].tolist()} are not classes of the "
                           f"{vocabulary.name} vocabulary (0 background, 1..{len(vocabulary)}, 255 ignore)")
-    return GroundTruth(path.name, mask.astype(np.int64))
+    return GroundTruth(path.name, mask.astype(np.int64), vocabulary.class_names)
 
 
 def stage_scores(result: Result, gt: GroundTruth, class_name: str, vocabulary: Vocabulary) -> Scores:
@@ -423,7 +426,10 @@ class Session:
         except ValueError as err:
             raise UserMessage(f"⚠️ {err}") from None
         self.predictor, self._predictor_key, self._encoded = predictor, key, None
-        self.result, self.classes, self._gt_path = None, (), None
+        self.result, self.classes = None, ()
+        if self.gt is not None and self.gt.class_names != predictor.vocabulary.class_names:
+            self.gt = None  # its numbers name another vocabulary's classes; _gt_path keeps it from being re-read
+            self.notes.append("Ground-truth mask dropped: its class numbers belong to the previous vocabulary.")
         if self.adaptation is not None:
             self.notes.append(f"New image or vocabulary: back to the shared decoder (the one adapted to "
                               f"**{self.adaptation.stem}** belonged to the previous one).")
@@ -465,11 +471,12 @@ class Session:
         self.refine(controls or self.controls)
 
     def _encode(self, upload: Upload, classes: list[str]) -> None:
-        self.result, self.rows = None, None
+        self.result, self.rows, self._encoded = None, None, None
         try:
             with self.models.lock:
                 self.predictor.set_image(upload.rgb, classes)
         except ValueError as err:  # unknown class, an image smaller than one patch
+            self.predictor.reset_image()  # set_image keeps the previous image's features on failure
             raise UserMessage(f"⚠️ {err}") from None
         self._encoded, self.classes = upload, tuple(classes)
         self._refresh_rows()
@@ -486,6 +493,7 @@ class Session:
         self.classes = tuple(classes)
         if self.adaptation is not None:
             self.adaptation.history, self.adaptation.losses, self.adaptation.shown = [], [], 0
+            self._refresh_rows()  # A_f is the adapted decoder's again
 
     def user_boxes(self, boxes: Sequence[dict], classes: Sequence[str]) -> dict[str, list[Box]]:
         """The annotator's boxes per class, clamped to the image; a box of another label is reported."""
@@ -505,12 +513,19 @@ class Session:
 
     # ------------------------------------------------------------ refinement and inspection
 
+    @property
+    def is_ready(self) -> bool:
+        """The predictor holds the features of the current upload and classes (not a previous image's)."""
+        return (self.upload is not None and self.predictor is not None and self.predictor.features is not None
+                and self._encoded is self.upload and bool(self.classes))
+
     def refine(self, controls: Controls) -> None:
         """Stages 4–6 with these knobs (clamped to the sliders' ranges, with a note)."""
         controls, notes = controls.clamped(self.models.num_blocks)
         self.controls = controls
         self.notes.extend(notes)
-        if self.predictor is None or self.predictor.features is None or self.upload is None:
+        if not self.is_ready:
+            self.result = None
             raise UserMessage("Upload an image or pick a sample, and choose its classes.")
         try:
             params = controls.params(self.boxes)
@@ -584,7 +599,7 @@ class Session:
         The copy is this session's alone; the shared lock is held one optimisation step at a time,
         so other sessions' refinements run between the steps.
         """
-        if self.result is None:
+        if self.result is None or not self.is_ready:
             raise UserMessage("Analyse an image first, then adapt the decoder to it.")
         try:
             steps = int(steps)
@@ -592,6 +607,9 @@ class Session:
             raise UserMessage(f"⚠️ {steps!r} is not a number of steps.") from None
         if steps < 1:
             raise UserMessage("⚠️ Adapt for at least one step.")
+        if steps > MAX_ADAPT_STEPS:
+            self.notes.append(f"{steps} adaptation steps is more than {MAX_ADAPT_STEPS}: using {MAX_ADAPT_STEPS}")
+            steps = MAX_ADAPT_STEPS
         controls, notes = controls.clamped(self.models.num_blocks)
         self.notes.extend(notes)
         losses: list[tuple[int, float, float, float]] = []

@@ -87,7 +87,14 @@ class Studio:
         return out
 
     def _views(self, session: Session, display: Display, message: str | None = None) -> list:
-        return self._outputs(render(session, display, message))
+        """Call it last in a handler: once render() has run, its views count as shown."""
+        try:
+            return self._outputs(render(session, display, message))
+        except Exception as err:  # resend everything next time: the browser got none of this render
+            log.exception("rendering failed")
+            session.view_cache.clear()
+            return [gr.skip()] * (len(Views.names()) - 1) + [
+                f"⚠️ Could not draw the views ({type(err).__name__}: {html.escape(str(err))})."]
 
     @staticmethod
     def _replay_slider(session: Session):
@@ -169,14 +176,17 @@ class Studio:
             message = self._act(action)
             names = list(session.result.class_names) if session.result else list(classes or [])
             shown = display.view_class if display.view_class in names else (names[0] if names else None)
-            views = self._views(session, display._replace(view_class=shown), message)
-            return (session, *views, gr.update(choices=names, value=shown), self._replay_slider(session),
-                    loss_plot(session), *self._clamped(controls, session))
+            extra = (gr.update(choices=names, value=shown), self._replay_slider(session), loss_plot(session),
+                     *self._clamped(controls, session))
+            return (session, *self._views(session, display._replace(view_class=shown), message), *extra)
 
     def _clamped(self, asked: Controls, session: Session) -> list:
         """Each slider's value where it had to be clamped, else gr.skip() (echoing a value back while
         the user drags would pull the handle to an older position)."""
-        clamped, _ = asked.clamped(self.models.num_blocks)
+        try:
+            clamped, _ = asked.clamped(self.models.num_blocks)
+        except (TypeError, ValueError):  # not numbers at all (an API call): the status says so
+            return [gr.skip()] * len(asked.values())
         return [gr.skip() if a == b else b for a, b in zip(asked.values(), clamped.values())]
 
     def refine(self, session: Session | None, controls: Controls, display: Display):
@@ -188,7 +198,8 @@ class Studio:
             if session.is_superseded(ticket):
                 return (session, *[gr.skip()] * (len(Views.names()) + len(controls.values())))
             message = self._act(lambda: session.refine(controls))
-            return (session, *self._views(session, display, message), *self._clamped(controls, session))
+            clamped = self._clamped(controls, session)
+            return (session, *self._views(session, display, message), *clamped)
 
     def render(self, session: Session | None, display: Display):
         """Only the display changed (class shown, automatic boxes): redraw, compute nothing."""
@@ -231,15 +242,16 @@ class Studio:
 
         with session.lock:
             message = self._act(lambda: session.adapt(steps, controls, report))
-            return (session, *self._views(session, display, message), self._replay_slider(session),
-                    loss_plot(session))
+            replay, losses = self._replay_slider(session), loss_plot(session)
+            return (session, *self._views(session, display, message), replay, losses)
 
     def replay(self, session: Session | None, index: float, controls: Controls, display: Display):
         """Show the adaptation as it was at snapshot ``index`` (0 = before it)."""
         session = self.session(session)
         with session.lock:
             message = self._act(lambda: session.replay(index, controls))
-            return (session, *self._views(session, display, message), loss_plot(session))
+            losses = loss_plot(session)
+            return (session, *self._views(session, display, message), losses)
 
     # ------------------------------------------------------------ exports
 
@@ -366,8 +378,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 gr.Markdown("**Layers** — click a pixel on any view to see what its patch attends to; click a tile "
                             "to enlarge it beside A_f")
                 with gr.Row():
-                    pixel_x = gr.Number(None, label="pixel x", precision=0, minimum=0, elem_id="pixel-x")
-                    pixel_y = gr.Number(None, label="pixel y", precision=0, minimum=0, elem_id="pixel-y")
+                    pixel_x = gr.Number(None, label="pixel x", precision=0, elem_id="pixel-x")
+                    pixel_y = gr.Number(None, label="pixel y", precision=0, elem_id="pixel-y")
                     inspect_button = gr.Button("Inspect pixel", elem_id="inspect")
                 layers = gr.Gallery(label="Attention row of the pixel's patch per layer (green kept, red rejected, "
                                           "grey not a candidate)", columns=6, format="jpeg", allow_preview=False,
@@ -384,7 +396,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                                 "this tab uses it, and only for this image; other tabs keep refining meanwhile. "
                                 "The slider then replays how A_f, the kept layers and the RFM CAM changed.")
                     with gr.Row(equal_height=True):
-                        adapt_steps = gr.Slider(5, 200, 40, step=1, label="adaptation steps", scale=3,
+                        adapt_steps = LenientSlider(5, 200, 40, step=1, label="adaptation steps", scale=3,
                                                 elem_id="adapt-steps")
                         adapt_button = gr.Button("Adapt decoder to this image", variant="primary", scale=1,
                                                  elem_id="adapt")

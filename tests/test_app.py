@@ -166,7 +166,7 @@ def test_controls_clamp_typed_values_with_a_note(studio):
     assert (controls.alpha, controls.n0, controls.box_threshold, controls.par_iterations) == (4, 1, 0.95, 0)
     assert "α = 9 is outside 1..4: using 4" in notes and len(notes) == 4
     assert Controls(n0=13).clamped(12)[0].n0 == 12 and Controls().clamped(12) == (Controls(), [])
-    assert Controls(alpha=None).clamped(12)[1] == ["α was empty: using 1"]
+    assert Controls(alpha=None).clamped(12)[1] == ["α was empty: using 2"]  # the default
     session, _, _ = analyse(studio)
     out = studio.refine(session, Controls(alpha=9), Display("cat"))
     views = views_of(out[1:12])
@@ -837,3 +837,75 @@ def test_draw_boxes_scales_and_attention_tile_frames():
     tile = viz.attention_tile(image, np.arange(6, dtype=np.float32).reshape(2, 3), (50, 25), viz.KEPT_RGB)
     assert tuple(tile[0, 0]) == viz.KEPT_RGB and tile.shape[0] > 50
     assert not np.isnan(viz.attention_tile(image, np.ones((2, 3)) * np.nan).astype(float)).any()
+
+
+# ---------------------------------------------------------------- review findings: state that must not leak
+
+
+def test_a_slider_never_refines_the_previous_images_features(studio, tmp_path):
+    session, _, _ = analyse(studio)
+    session, views, _ = analyse(studio, path=ASTRONAUT, classes=(), session=session)  # new image, no class yet
+    assert "Choose the classes" in views["status"]
+    views = views_of(studio.refine(session, Controls(alpha=3), Display("cat"))[1:12])
+    # the views the analyse emptied stay empty (sent as None then, skipped now); no result is made
+    assert session.result is None and skipped(views["initial"]) and "choose its classes" in views["status"]
+    assert session.view_cache["initial"][1] is None
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiny)
+    session, _, _ = analyse(studio, session=session)
+    session, views, _ = analyse(studio, path=tiny, session=session)  # set_image fails: chelsea's features must go
+    assert "patch" in views["status"]
+    studio.refine(session, Controls(alpha=3), Display("cat"))
+    assert session.result is None and session.predictor.features is None
+    with pytest.raises(UserMessage):
+        session.export_label()
+
+
+def test_a_class_change_after_a_replay_shows_the_adapted_decoders_affinity(models):
+    studio = Studio(models, max_side=224)
+    session, _, _ = analyse(studio)
+    studio.inspect(session, 200, 150, Display("cat"))
+    adapt(studio, session, 5)
+    adapted_row = session.rows.decoder.copy()
+    replay(studio, session, 0)
+    assert not np.array_equal(session.rows.decoder, adapted_row)
+    analyse(studio, classes=("cat", "dog"), session=session, view_class="cat")
+    np.testing.assert_array_equal(session.rows.decoder, adapted_row)
+
+
+def test_a_mask_is_dropped_when_the_vocabulary_renumbers_its_classes(studio, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((300, 451), 8, np.uint8)).save(good)
+    session, _, _ = analyse(studio, gt=str(good))
+    assert session.gt is not None
+    session, views, _ = analyse(studio, gt=str(good), session=session, kind="COCO", classes=("cat",))
+    assert session.gt is None and "previous vocabulary" in views["status"]
+    assert "IoU % vs ground truth" not in views["status"]
+
+
+def test_only_a_plain_rgb_jpeg_keeps_its_bytes(tmp_path):
+    from rfm.session import read_upload
+
+    photo = rgb(CHELSEA)
+    Image.fromarray(photo).save(tmp_path / "plain.jpg")
+    Image.fromarray(photo).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    assert read_upload(tmp_path / "plain.jpg", 512).jpeg_bytes == (tmp_path / "plain.jpg").read_bytes()
+    assert read_upload(tmp_path / "cmyk.jpg", 512).jpeg_bytes is None  # the dataset gets the RGB the pipeline saw
+
+
+def test_empty_and_fractional_values_are_said_precisely():
+    controls, notes = Controls(n0=None, alpha=2.5).clamped(12)
+    assert controls.n0 == 7 and notes == ["α = 2.5 is not a whole number: using 2", "N0 was empty: using 7"]
+
+
+def test_a_failed_render_resends_every_view_next_time(studio, monkeypatch):
+    session, _, _ = analyse(studio)
+    import rfm.ui as ui
+
+    real = ui.render
+    monkeypatch.setattr(ui, "render", lambda *a, **k: 1 / 0)
+    out = views_of(studio.refine(session, Controls(alpha=3), Display("cat"))[1:12])
+    assert "Could not draw the views" in out["status"] and skipped(out["static"])
+    monkeypatch.setattr(ui, "render", real)
+    out = views_of(studio.refine(session, Controls(alpha=3), Display("cat"))[1:12])
+    assert not any(skipped(out[name]) for name in ("initial", "static", "rfm", "label", "chart"))
