@@ -90,10 +90,15 @@ class Result:
                 "rfm": lambda: self.cam_rfm}[stage]()
 
     @property
+    def num_tokens(self) -> int:
+        """n = hw, the patch tokens of the image; S^l sums over n² token pairs."""
+        h, w = self.patch.cam_initial.shape[1:]
+        return h * w
+
+    @cached_property
     def layer_margins(self) -> np.ndarray:
         """(N,) ΔS^l per token pair, (S^l − threshold) / (hw)²: below 0 passes the abs test (NaN: not a candidate)."""
-        grid = self.patch.cam_initial.shape[1:]
-        return rf.layer_margins(self.layer_scores, grid[0] * grid[1])
+        return rf.layer_margins(self.layer_scores, self.num_tokens)
 
     @property
     def final_stage(self) -> str:

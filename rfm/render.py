@@ -172,8 +172,7 @@ def label_view(session: Session, show_auto: bool, marker) -> np.ndarray:
 
 def threshold_per_pair(result) -> float:
     """The selection threshold, mean S^l over the candidates, per token pair (÷ (hw)²)."""
-    h, w = result.patch.cam_initial.shape[1:]
-    return result.layer_threshold / float(h * w) ** 2
+    return result.layer_threshold / float(result.num_tokens) ** 2
 
 
 def layer_caption(result, layer: int) -> str:
@@ -184,10 +183,9 @@ def layer_caption(result, layer: int) -> str:
         if result.cam_rfm is None and layer >= result.params.n0:
             return f"l={layer} · not scored (no decoder)"
         return f"l={layer} · not a candidate (l < N0 = {result.params.n0})"
-    h, w = result.patch.cam_initial.shape[1:]
     verdict = "kept" if result.layer_keep[i] else "rejected"
     return (f"l={layer} · {verdict} · ΔS/pair {margin:+.3e} · "
-            f"S/pair {float(result.layer_scores[i]) / float(h * w) ** 2:.6f}")
+            f"S/pair {float(result.layer_scores[i]) / float(result.num_tokens) ** 2:.6f}")
 
 
 def _layer_border(result, i: int) -> tuple[int, int, int]:
@@ -273,7 +271,7 @@ def adaptation_line(session: Session) -> str | None:
     line = f"Decoder adapted to **{html.escape(a.stem)}** ({a.steps} steps; this session only, kept until a new image)"
     if not a.history:
         return line + " · replay cleared by the class change"
-    snapshot = a.history[a.shown]
+    snapshot = a.snapshot
     if a.shown == 0:
         return line + (" · replay: before adaptation" + (" (no decoder, so no RFM)" if snapshot.aff_f is None else ""))
     losses = {k: float(v) for k, v in snapshot.losses.items()}
@@ -306,7 +304,7 @@ def loss_plot(session: Session) -> np.ndarray | None:
     a = session.adaptation
     if a is None or not a.losses:
         return None
-    return viz.loss_curve(a.losses, a.history[a.shown].step if a.history else None)
+    return viz.loss_curve(a.losses, None if a.snapshot is None else a.snapshot.step)
 
 
 def replay_range(session: Session) -> dict[str, Any] | None:

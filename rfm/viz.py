@@ -7,7 +7,7 @@ state), so figures can be made from several threads.
 
 Results are duck-typed: any object with ``class_names``, ``class_indices``,
 ``cam(stage)`` (None for a missing stage), ``label``, ``layer_scores``, ``layer_margins``,
-``layer_keep``, ``layer_threshold``, ``patch.cam_initial`` (for the patch grid) and
+``layer_keep``, ``layer_threshold``, ``num_tokens`` (hw: S^l sums over its square) and
 ``params`` (``alpha``, ``n0``, ``distance``).
 """
 
@@ -182,19 +182,13 @@ def _plot_layer_scores(ax: Any, result: Any) -> None:
     if active.any():
         span = float(np.abs(margins[active]).max()) or 1.0
         ax.set_ylim(-1.25 * span, 1.25 * span)  # zero-centred: the threshold is the axis
-        threshold = result.layer_threshold / _tokens(result) ** 2
+        threshold = result.layer_threshold / result.num_tokens ** 2
         handles.append(ax.axhline(0.0, color="k", linestyle="--", label=f"threshold: {threshold:.6g} per pair"))
         handles.append(ax.axvline(params.n0 - 0.5, color="0.3", linestyle=":", label=f"$N_0$ = {params.n0}"))
     else:
         ax.text(0.5, 0.5, "no layer scores", ha="center", va="center", transform=ax.transAxes)
     if handles:
         ax.legend(handles=handles, fontsize=8, loc="best")
-
-
-def _tokens(result: Any) -> int:
-    """hw, the number of patch tokens the scores were summed over (n² pairs)."""
-    h, w = result.patch.cam_initial.shape[1:]
-    return h * w
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, overwrite: bool = False, dpi: int = 100) -> Path:

@@ -2,6 +2,10 @@
 import io
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +104,48 @@ def set_slider(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+
+
+class Servers:
+    """``app.py`` for the browser tests, started on a free port and waited for; one per instance at a time (the
+    machine is small): asking for other arguments stops the running one."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.proc, self.args, self.url, self.log = folder, None, None, None, None
+
+    def get(self, args: list[str]) -> str:
+        if args == self.args and self.proc.poll() is None:
+            return self.url
+        self.stop()
+        port = free_port()
+        self.log = self.folder / f"app-{len(list(self.folder.glob('app-*.log')))}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "app.py", *args, "--device", "cpu", "--port", str(port)],
+                                         cwd=Path(__file__).resolve().parents[1], stdout=out,
+                                         stderr=subprocess.STDOUT)
+        self.args, self.url = args, f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return self.url
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"app.py {' '.join(args)} did not start:\n{self.tail()}")
+                time.sleep(0.5)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-1200:] if self.log else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = self.args = self.url = None
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    servers = Servers(tmp_path_factory.mktemp("studio"))
+    yield servers
+    servers.stop()

@@ -1,10 +1,6 @@
 """The web app in a real browser: Playwright drives headless Debian Chromium against ``app.py --demo``
 started on a free localhost port. A full-page screenshot is kept under tests/artifacts/."""
 import io
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -13,42 +9,19 @@ from PIL import Image
 
 from rfm import viz
 from rfm.session import sample_classes, sample_paths
-from conftest import TIMEOUT_MS, fetch_rgb, free_port, set_slider, src, wait_new_src
+from conftest import TIMEOUT_MS, Servers, fetch_rgb, set_slider, src, wait_new_src
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHELSEA = ROOT / "assets" / "chelsea.png"  # 451×300, a cat
-def _serve(args: list[str], log: Path):
-    """Start app.py with ``args`` on a free port; yields its URL until the module's tests are done."""
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", *args, "--device", "cpu", "--port", str(port)],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"app.py {' '.join(args)} did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+@pytest.fixture
+def app_url(servers):
+    return servers.get(["--demo"])
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    yield from _serve(["--demo"], tmp_path_factory.mktemp("app") / "app.log")
-
-
-@pytest.fixture(scope="module")
-def builtin_url(tmp_path_factory):
-    yield from _serve(["--clip", "synthetic"], tmp_path_factory.mktemp("app") / "builtin.log")
+@pytest.fixture
+def builtin_url(servers):
+    return servers.get(["--clip", "synthetic"])
 
 
 @pytest.fixture
@@ -142,24 +115,13 @@ def test_a_drawn_box_confines_its_class(page):
 
 def test_without_weights_the_app_starts_and_offers_demo_mode(browser, tmp_path):
     missing = tmp_path / "ViT-B-16.pt"
-    port = free_port()
-    with open(tmp_path / "app.log", "wb") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--clip", str(missing), "--device", "cpu", "--port",
-                                 str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    server = Servers(tmp_path)  # beside the module's demo server: this one's demo mode is switched on live
     context = browser.new_context(viewport={"width": 1600, "height": 1200})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the app did not start without weights"
-                time.sleep(0.5)
+        url = server.get(["--clip", str(missing)])
         page = context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
-        page.goto(f"http://127.0.0.1:{port}/")
+        page.goto(url)
         banner = page.locator("#weights-banner")
         banner.get_by_text(str(missing)).wait_for()
         assert not page.locator("#demo-banner").is_visible()
@@ -170,8 +132,7 @@ def test_without_weights_the_app_starts_and_offers_demo_mode(browser, tmp_path):
         assert page.locator("#view-rfm img").count() == 1
     finally:
         context.close()
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def test_adapt_the_decoder_and_replay_its_steps(page):

@@ -3,10 +3,7 @@ the layout on laptop and desktop screens, typed slider values, the layer gallery
 generated scene's mask, and two tabs sharing one server. Playwright drives headless Debian Chromium
 against ``app.py`` on a free localhost port; one app server runs at a time."""
 import io
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ import pytest
 from PIL import Image
 
 from rfm.session import sample_paths
-from conftest import TIMEOUT_MS, fetch_rgb, free_port, set_slider, src, wait_new_src
+from conftest import TIMEOUT_MS, fetch_rgb, set_slider, src, wait_new_src
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -23,49 +20,6 @@ VIEWS = ("view-initial", "view-static", "view-rfm", "view-label")
 # Gradio 6 marks an output whose handler raised with a red <span class="error">Error</span> in its status
 # tracker, and shows error toasts as .toast-body.error
 ERROR_BADGE = "span.error, .toast-body.error"
-
-
-class Servers:
-    """At most one app.py at a time (the machine is small): asking for other arguments stops the running one."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.proc, self.args, self.url, self.log = folder, None, None, None, None
-
-    def get(self, args: list[str]) -> str:
-        if args == self.args and self.proc.poll() is None:
-            return self.url
-        self.stop()
-        port = free_port()
-        self.log = self.folder / f"app-{'-'.join(a.strip('-') for a in args)}.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "app.py", *args, "--device", "cpu", "--port", str(port)],
-                                         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        self.args, self.url = args, f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(self.url, timeout=2)
-                return self.url
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"app.py {' '.join(args)} did not start:\n{self.tail()}")
-                time.sleep(0.5)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-1200:] if self.log else ""
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-        self.proc = self.args = self.url = None
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    servers = Servers(tmp_path_factory.mktemp("studio"))
-    yield servers
-    servers.stop()
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def make_result(with_rfm=True, scores=None):
         layer_keep=np.isfinite(scores) & (scores < threshold),
         layer_threshold=threshold,
         layer_margins=(scores - threshold) / (4 * 5) ** 2,  # a 4×5 patch grid: 400 token pairs
-        patch=types.SimpleNamespace(cam_initial=np.zeros((2, 4, 5), np.float32)),
+        num_tokens=4 * 5,
         params=types.SimpleNamespace(alpha=2, n0=7, distance="abs", box_threshold=0.4),
     )
 
