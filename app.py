@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="small random CLIP and decoder: every view works, heatmaps are meaningless")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    p.add_argument("--dataset-root", default="datasets",
+                   help="with --host other than 127.0.0.1 or --share, 'Add to dataset' writes only inside this "
+                        "folder (default ./datasets); on 127.0.0.1 any folder is allowed")
     p.add_argument("--max-side", type=int, default=512,
                    help="long side images are scaled down to for the pipeline; exports keep the original size")
     return p
@@ -37,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     if models.error:
         print(f"No CLIP weights: {models.error}\nThe app starts anyway and offers demo mode.", file=sys.stderr)
-    launch(Studio(models, max_side=args.max_side), host=args.host, port=args.port, share=args.share)
+    exposed = args.share or args.host not in ("127.0.0.1", "localhost", "::1")
+    root = Path(args.dataset_root).absolute() if exposed else None
+    launch(Studio(models, max_side=args.max_side, dataset_root=root), host=args.host, port=args.port,
+           share=args.share)
 
 
 if __name__ == "__main__":

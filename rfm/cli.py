@@ -115,6 +115,20 @@ def _clip_file(args) -> Path:
     return named.get(str(args.clip), Path(args.clip))
 
 
+def _check_flags_for(clip, params, image_size: tuple[int, int] | None = None, crop: int | None = None) -> None:
+    """The flags that depend on the CLIP, checked as soon as it is loaded: before the decoder, the
+    dataset's images or any output, and naming the flag."""
+    for flag, value in (("--n0", params.n0), ("--static-layers", params.static_layers)):
+        if value > clip.num_blocks:
+            raise ValueError(f"{flag} {value}: this CLIP has {clip.num_blocks} blocks (1..{clip.num_blocks})")
+    p = clip.patch_size
+    if image_size is not None and min(image_size) < p:
+        raise ValueError(f"the image is {image_size[1]}×{image_size[0]} pixels; each side must be at least one "
+                         f"{p}-pixel patch")
+    if crop is not None and (crop < p or crop % p):
+        raise ValueError(f"--crop {crop}: must be a multiple of the CLIP's {p}-pixel patch (the official crop is 320)")
+
+
 def _decoder_file(args) -> Path | None:
     from .decoder import decoder_file
 
@@ -155,20 +169,26 @@ def cmd_export(args) -> int:
         raise ValueError("--box applies to one image (rfm run), not to a dataset")
     vocab, samples = _dataset(args)
     params = _params(args, vocab.name)
+    options = ExportOptions(formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
+                            cam_stage=args.cam_stage or ("rfm" if args.decoder else "static"),
+                            confidence=args.confidence, figures=args.figures, workers=args.workers,
+                            overwrite=args.overwrite)
     dist = init_distributed(args.device)
     clip = rfm.load_clip(args.model, pretrained=args.clip, device=dist.device)
+    _check_flags_for(clip, params)
     clip_file = _clip_file(args)
     decoder = rfm.load_decoder(args.decoder) if args.decoder else None
     predictor = rfm.Predictor(clip, vocabulary=vocab, decoder=decoder, device=dist.device, max_side=args.max_side)
-    options = ExportOptions(formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
-                            cam_stage=args.cam_stage or ("rfm" if decoder is not None else "static"),
-                            confidence=args.confidence, figures=args.figures, workers=args.workers,
-                            overwrite=args.overwrite)
     identity = run_identity(params, options, clip_file, _decoder_file(args), predictor)
     summary = export_dataset(samples, predictor, params, args.out, options, identity, dist)
-    if dist.rank == 0:
-        print(f"done {summary['done']}, skipped {summary['skipped']} (already finished), "
-              f"failed {len(summary['failed'])} → {Path(args.out) / 'summary.json'}")
+    if dist.rank != 0:
+        return 0
+    print(f"done {summary['done']}, skipped {summary['skipped']} (already finished), "
+          f"failed {len(summary['failed'])} → {Path(args.out) / 'summary.json'}")
+    if summary["failed"] and not summary["done"] and not summary["skipped"]:
+        print(f"rfm: error: no image could be exported (the first failure: {summary['failed'][0]['stem']}: "
+              f"{summary['failed'][0]['reason']})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -224,6 +244,7 @@ def cmd_train(args) -> int:
                          seed=args.seed, cache_features=args.cache_features, cache_side=args.cache_side,
                          embed_dim=args.embed_dim)
     clip = rfm.load_clip(args.model, pretrained=args.clip, device=args.device)
+    _check_flags_for(clip, params, crop=config.crop)
     decoder = rfm.load_decoder(args.decoder) if args.decoder and not args.resume else None
     train(samples, clip, vocab, params, config, args.out, decoder=decoder, resume=args.resume, val_samples=val,
           clip_id=file_sha256(_clip_file(args)))
@@ -260,40 +281,52 @@ def _labels(text: str) -> list:
 
 def cmd_run(args) -> int:
     import rfm
-    from .data import load_image
+    from .data import read_image
     from .export import save_cams_npy, save_label_png
-    from .viz import save_figure, save_overlays, side_by_side_figure
+    from .viz import overlay_paths, save_figure, save_overlays, side_by_side_figure
 
-    image = load_image(args.image)  # before loading models: a bad image fails fast
+    file = read_image(args.image, args.max_side)  # before loading models: a bad image fails fast
     boxes: dict[str, list] = {}
     for name, box in args.box:
         boxes.setdefault(name, []).append(box)
     params = _params(args, args.vocab.strip().lower(), boxes)
     out = Path(args.out)
-    targets = [out / "label.png", out / "cams.npy", out / "figure.png"]
-    if not args.overwrite and any(t.exists() for t in targets):
-        raise FileExistsError(f"{out} already holds results; pass --overwrite to replace them")
+    _refuse_existing([out / "label.png", out / "cams.npy", out / "figure.png"], args.overwrite)
 
     clip = rfm.load_clip(args.model, pretrained=args.clip, device=args.device)
+    _check_flags_for(clip, params, image_size=file.size)
     decoder = rfm.load_decoder(args.decoder) if args.decoder else None
     background = args.background.split(",") if args.background else None
     predictor = rfm.Predictor(clip, vocabulary=args.vocab, decoder=decoder, device=args.device,
                               max_side=args.max_side, background=background)
-    predictor.set_image(image, labels=_labels(args.labels))
+    predictor.set_image(file.rgb, labels=_labels(args.labels), image_size=file.size)
     result = predictor.refine(params)
+    # The views are drawn at the work resolution (the image itself unless larger than --max-side);
+    # the label and the CAMs are written at full size, strip by strip.
+    work = predictor.features.work_image
+    preview = result.resized(work.shape[:2])
+    _refuse_existing(overlay_paths(preview, out), args.overwrite)
 
-    written = [save_label_png(result.label, out / "label.png", overwrite=args.overwrite)]
-    written.append(save_cams_npy(out / "cams.npy", result.class_indices, result.cam_final, overwrite=args.overwrite,
-                                 highres=result.cam_initial))
-    written += save_overlays(image, result, out, overwrite=args.overwrite)
-    written.append(save_figure(side_by_side_figure(image, result), out / "figure.png", overwrite=args.overwrite))
-    for note in result.notes:
+    written = [save_label_png(result.label_rows(), out / "label.png", overwrite=args.overwrite)]
+    written.append(save_cams_npy(out / "cams.npy", result.class_indices, result.cam_rows(result.final_stage),
+                                 overwrite=args.overwrite, highres=result.cam_rows("initial")))
+    written += save_overlays(work, preview, out, overwrite=args.overwrite)
+    written.append(save_figure(side_by_side_figure(work, preview), out / "figure.png", overwrite=args.overwrite))
+    for note in (*file.notes, *result.notes):
         print(f"note: {note}", file=sys.stderr)
     kept = [i + 1 for i, k in enumerate(result.layer_keep) if k]
     if result.patch.cam_rfm is not None:
         print(f"RFM kept blocks {kept} (distance={params.distance}, N0={params.n0})")
     print(f"wrote {len(written)} files to {out}")
     return 0
+
+
+def _refuse_existing(paths, overwrite: bool) -> None:
+    """Before anything is written: files of an earlier run in --out are kept unless --overwrite."""
+    existing = sorted(str(p) for p in paths if p.exists())
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}"
+                              f"; pass --overwrite to replace them, or choose another --out")
 
 
 REPORT_JSON = "eval.json"
@@ -391,4 +424,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
         # One clear line for the user's mistakes; real bugs keep their traceback.
         print(f"rfm: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the machine's refusals: read-only folder, full disk, permissions
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"rfm: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Reading images into the (H, W, 3) uint8 RGB arrays the pipeline takes, with clear errors."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,19 +25,35 @@ class ImageError(ValueError):
 class ImageFile:
     """An image file read into the pipeline's pixels, with what the conversion did in words."""
 
-    rgb: np.ndarray  # (H, W, 3) uint8 RGB, EXIF orientation applied
+    rgb: np.ndarray  # (h, w, 3) uint8 RGB, EXIF orientation applied; smaller than ``size`` when decoded reduced
     format: str | None  # Pillow's name of the file format ("JPEG", "PNG", …)
     notes: tuple[str, ...]  # conversions a user should know of (16-bit, CMYK, palette, rotation, alpha)
+    size: tuple[int, int] = (0, 0)  # (H, W) of the full image, EXIF orientation applied
+
+    def __post_init__(self):
+        if self.size == (0, 0):
+            object.__setattr__(self, "size", tuple(self.rgb.shape[:2]))
 
 
 # EXIF orientation tag values → what exif_transpose does to show the photo upright
 _ORIENTATIONS = {2: "mirrored", 3: "turned 180°", 4: "flipped vertically", 5: "mirrored and turned 90°",
                  6: "turned 90° clockwise", 7: "mirrored and turned 90°", 8: "turned 90° anticlockwise"}
+_TRANSPOSING = (5, 6, 7, 8)  # orientations whose upright image swaps width and height
+
+# Pixels kept beyond max_side when decoding reduced: the network input rounds each side up to a
+# whole patch (≤ 15 px for ViT-B/16), so the reduced pixels must still cover it.
+REDUCE_MARGIN = 32
 
 
-def read_image(path: str | os.PathLike) -> ImageFile:
+def read_image(path: str | os.PathLike, max_side: int | None = None) -> ImageFile:
     """Read any image file Pillow knows into (H, W, 3) uint8 RGB, with a clear :class:`ImageError`
-    for empty, unreadable, truncated or oversized files and a note for every lossy conversion."""
+    for empty, unreadable, truncated or oversized files and a note for every lossy conversion.
+
+    ``max_side``: the pipeline will scale the image to this long side, so a JPEG larger than twice
+    that is decoded reduced in the DCT domain (``Image.draft``: 1/2, 1/4 or 1/8, never below
+    max_side + REDUCE_MARGIN), and memory follows max_side instead of the file's resolution.
+    ``size`` keeps the full (H, W) for outputs at image size.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
@@ -46,9 +63,14 @@ def read_image(path: str | os.PathLike) -> ImageFile:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                orientation = img.getexif().get(0x0112, 1)
+                width, height = img.size
+                size = (width, height) if orientation in _TRANSPOSING else (height, width)
+                if max_side is not None and img.format == "JPEG":
+                    img.draft(img.mode, _draft_request(img.size, max_side))
                 img.load()  # decode now: truncated files fail here rather than later
                 notes = _conversion_notes(img, path)
-                return ImageFile(pil_to_rgb(img), img.format, notes)
+                return ImageFile(pil_to_rgb(img), img.format, notes, size)
     except Image.DecompressionBombError:
         raise ImageError(f"{path}: the image has more than {MAX_PIXELS} pixels; downscale it first") from None
     except UnidentifiedImageError:
@@ -57,6 +79,12 @@ def read_image(path: str | os.PathLike) -> ImageFile:
         if "truncated" in str(err):
             raise ImageError(f"{path}: the file is truncated (cut off before the end of the image)") from None
         raise ImageError(f"{path}: cannot decode the image ({err})") from None
+
+
+def _draft_request(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(w, h) the reduced decode must at least have: each side scaled to max_side, plus the margin."""
+    s = min(1.0, max_side / max(size))
+    return tuple(min(side, math.ceil(side * s) + REDUCE_MARGIN) for side in size)
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -132,7 +160,7 @@ def to_rgb_array(image) -> np.ndarray:
 
 # ---------------------------------------------------------------- datasets
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 
 
 @dataclass(frozen=True)
@@ -190,7 +218,10 @@ def xml_labels(path: str | os.PathLike, vocab) -> tuple[int, ...]:
         raise ValueError(f"{path}: cannot read annotation XML ({err})") from None
     labels: list[int] = []
     for obj in root.findall("object"):
-        index = vocab.index((obj.findtext("name") or "").strip())
+        try:
+            index = vocab.index((obj.findtext("name") or "").strip())
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         if index not in labels:
             labels.append(index)
     return tuple(labels)
@@ -231,8 +262,12 @@ def voc_samples(root: str | os.PathLike, split: str | os.PathLike | None = None,
             labels = xml_labels(root / "Annotations" / f"{stem}.xml", vocab)
         else:
             if stem not in onehots:
-                raise KeyError(f"{stem} has no entry in {labels_from[4:]}")
+                raise ValueError(f"{labels_from[4:]}: no entry for {stem!r} (listed in "
+                                 f"{split or root / 'JPEGImages'})")
             labels = tuple(int(i) for i in np.flatnonzero(np.asarray(onehots[stem]) > 0))
+            if labels and labels[-1] >= len(vocab):
+                raise ValueError(f"{labels_from[4:]}: the entry of {stem!r} has class {labels[-1]}, outside the "
+                                 f"{len(vocab)} classes of {vocab.name}")
         samples.append(Sample(stem, images[stem], labels, gt))
     return samples
 
@@ -240,59 +275,105 @@ def voc_samples(root: str | os.PathLike, split: str | os.PathLike | None = None,
 def folder_samples(images_dir: str | os.PathLike, labels_file: str | os.PathLike, vocab) -> list[Sample]:
     """Samples of a plain image folder with labels from a CSV (`image,labels`, labels separated by
     ';', '|' or spaces) or JSON file ({"img.jpg": ["cat", "dog"]} or [{"image": …, "labels": […]}])."""
-    import csv
-    import json
-
     images = image_files(images_dir)
     labels_file = Path(labels_file)
-    if labels_file.suffix.lower() == ".json":
-        data = json.loads(labels_file.read_text())
-        rows = data.items() if isinstance(data, dict) else [(d["image"], d["labels"]) for d in data]
-    else:
-        with labels_file.open(newline="") as f:
-            reader = csv.reader(f)
-            rows = [(r[0], r[1] if len(r) > 1 else "") for r in reader if r and r[0].strip()]
-        if rows and rows[0][0].strip().lower() in ("image", "file", "filename"):
-            rows = rows[1:]
+    rows = _json_label_rows(labels_file) if labels_file.suffix.lower() == ".json" else _csv_label_rows(labels_file)
     samples = []
-    for name, labels in rows:
+    for where, name, labels in rows:
         stem = Path(str(name).strip()).stem
         if stem not in images:
-            raise FileNotFoundError(f"{name} (from {labels_file.name}) is not in {images_dir}")
+            listed = Path(images_dir) / str(name).strip()
+            why = (f"its extension is not one of {', '.join(IMAGE_EXTENSIONS)}" if listed.is_file()
+                   else f"it is not in {images_dir}")
+            raise FileNotFoundError(f"{where}: {name} cannot be used: {why}")
         if isinstance(labels, str):
             labels = [t for t in labels.replace(";", " ").replace("|", " ").split() if t]
         indices = []
         for label in labels:
-            i = vocab.index(int(label) if str(label).isdigit() else str(label).replace("_", " "))
+            try:
+                i = vocab.index(int(label) if str(label).isdigit() else str(label).replace("_", " "))
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
             if i not in indices:
                 indices.append(i)
         samples.append(Sample(stem, images[stem], tuple(indices)))
     return samples
 
 
-def coco_samples(annotations: str | os.PathLike, images_dir: str | os.PathLike) -> list[Sample]:
-    """Samples of a COCO instances JSON: labels are the categories annotated on each image."""
+def _csv_label_rows(path: Path) -> list[tuple[str, str, str]]:
+    """(where, image, labels) of every row of an `image,labels` CSV; where = 'FILE row N'."""
+    import csv
+
+    with path.open(newline="") as f:
+        rows = [(f"{path} row {n}", r[0], r[1] if len(r) > 1 else "")
+                for n, r in enumerate(csv.reader(f), start=1) if r and r[0].strip()]
+    if rows and rows[0][1].strip().lower() in ("image", "file", "filename"):
+        rows = rows[1:]
+    return rows
+
+
+def _json_label_rows(path: Path) -> list[tuple[str, str, list]]:
+    """(where, image, labels) of a labels JSON: {"a.jpg": [...]} or [{"image": ..., "labels": [...]}]."""
+    data = read_json(path)
+    if isinstance(data, dict):
+        entries = [(f"{path} entry {name!r}", name, labels) for name, labels in data.items()]
+    elif isinstance(data, list):
+        entries = []
+        for n, item in enumerate(data):
+            if not isinstance(item, dict) or "image" not in item or "labels" not in item:
+                raise ValueError(f"{path} item {n}: expected {{\"image\": …, \"labels\": […]}}, got {item!r:.80}")
+            entries.append((f"{path} item {n}", item["image"], item["labels"]))
+    else:
+        raise ValueError(f"{path}: expected an object {{image: labels}} or a list of {{image, labels}} items")
+    for where, name, labels in entries:
+        if not isinstance(name, str) or not isinstance(labels, (str, list)) or \
+                (isinstance(labels, list) and not all(isinstance(v, (str, int)) for v in labels)):
+            raise ValueError(f"{where}: expected an image name and a list of class names, got {labels!r:.80}")
+    return entries
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file's content; invalid JSON or text is a ValueError naming the file and the position."""
     import json
 
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def coco_samples(annotations: str | os.PathLike, images_dir: str | os.PathLike) -> list[Sample]:
+    """Samples of a COCO instances JSON: labels are the categories annotated on each image."""
     from .text import COCO_CATEGORY_IDS
 
-    doc = json.loads(Path(annotations).read_text())
+    doc = read_json(annotations)
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or \
+            not isinstance(doc.get("annotations", []), list):
+        raise ValueError(f"{annotations}: not a COCO instances file (needs 'images' and 'annotations' lists)")
     index_of = {cid: i for i, cid in enumerate(COCO_CATEGORY_IDS)}
-    per_image: dict[int, list[int]] = {img["id"]: [] for img in doc.get("images", [])}
-    for ann in doc.get("annotations", []):
+    images = []
+    for n, img in enumerate(doc["images"]):
+        if not isinstance(img, dict) or not isinstance(img.get("file_name"), str) or \
+                not isinstance(img.get("id"), int) or isinstance(img.get("id"), bool):
+            raise ValueError(f"{annotations}: images[{n}] needs an integer 'id' and a 'file_name', got {img!r:.80}")
+        images.append(img)
+    per_image: dict[int, list[int]] = {img["id"]: [] for img in images}
+    for n, ann in enumerate(doc.get("annotations", [])):
+        if not isinstance(ann, dict) or "category_id" not in ann or "image_id" not in ann:
+            raise ValueError(f"{annotations}: annotations[{n}] needs 'image_id' and 'category_id', got {ann!r:.80}")
         i = index_of.get(ann["category_id"])
         if i is None:
-            raise ValueError(f"category_id {ann['category_id']} is not one of COCO's 80 categories")
-        labels = per_image.setdefault(ann["image_id"], [])
+            raise ValueError(f"{annotations}: annotations[{n}]: category_id {ann['category_id']!r} is not one of "
+                             f"COCO's 80 categories")
+        if ann["image_id"] not in per_image:
+            raise ValueError(f"{annotations}: annotations[{n}] refers to image_id {ann['image_id']!r}, "
+                             f"which 'images' does not list")
+        labels = per_image[ann["image_id"]]
         if i not in labels:
             labels.append(i)
     images_dir = Path(images_dir)
-    samples = []
-    for img in doc.get("images", []):
-        path = images_dir / img["file_name"]
-        samples.append(Sample(Path(img["file_name"]).stem, path, tuple(sorted(per_image[img["id"]])),
-                              image_id=int(img["id"])))
-    return samples
+    return [Sample(Path(img["file_name"]).stem, images_dir / img["file_name"], tuple(sorted(per_image[img["id"]])),
+                   image_id=int(img["id"])) for img in images]
 
 
 # ---------------------------------------------------------------- .npy dicts without pickle code

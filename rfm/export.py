@@ -14,15 +14,25 @@ target folder, fsynced, then moved into place, and never overwriting unless aske
 from __future__ import annotations
 
 import os
+import pickle
+import struct
 import threading
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from numpy.lib import format as npy_format
 from PIL import Image
 
-from .constants import IGNORE_INDEX
+from .constants import IGNORE_INDEX, STRIP_ROWS
 from .fileio import atomic_write, exists_message, save_json
+
+try:  # NumPy >= 2
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # pragma: no cover - NumPy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
 
 __all__ = [
     "coco_document",
@@ -32,6 +42,7 @@ __all__ = [
     "save_coco_json",
     "save_label_png",
     "save_to_voc_dataset",
+    "Rows",
     "voc_palette",
 ]
 
@@ -53,12 +64,55 @@ def voc_palette() -> np.ndarray:
     return palette
 
 
-def save_label_png(label: np.ndarray, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Save an (H, W) class-index map as an indexed VOC-palette PNG; pixel values are kept as is."""
-    label = _as_label(label)
-    image = Image.fromarray(label)
-    image.putpalette(voc_palette().tobytes())  # turns the 'L' image into 'P' without remapping
-    return atomic_write(path, lambda f: image.save(f, format="PNG"), overwrite)
+@dataclass(frozen=True)
+class Rows:
+    """A map made strip by strip, so a writer never holds all of it: ``read(start, stop)`` returns rows
+    start..stop, (stop − start, W) for an (H, W) map or (K, stop − start, W) for a (K, H, W) one."""
+
+    shape: tuple[int, ...]
+    read: Callable[[int, int], np.ndarray]
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> "Rows":
+        """Rows of an array that is already in memory."""
+        return cls(array.shape, lambda a, b: array[a:b] if array.ndim == 2 else array[:, a:b])
+
+    def strips(self, rows: int = STRIP_ROWS):
+        height = self.shape[-2]
+        for start in range(0, height, rows):
+            yield self.read(start, min(height, start + rows))
+
+
+def save_label_png(label: np.ndarray | Rows, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save an (H, W) class-index map (or its ``Rows``) as an indexed VOC-palette PNG; values are kept as is.
+
+    Written strip by strip (filter type 0, one zlib stream), so a label of any size costs one strip
+    of memory.
+    """
+    rows = Rows.of(_as_label(label)) if isinstance(label, np.ndarray) else label
+    if len(rows.shape) != 2:
+        raise ValueError(f"label must be 2-D (H, W), got shape {rows.shape}")
+    return atomic_write(path, lambda f: _write_palette_png(f, rows, voc_palette()), overwrite)
+
+
+def _write_palette_png(f, rows: Rows, palette: np.ndarray) -> None:
+    height, width = rows.shape
+    f.write(b"\x89PNG\r\n\x1a\n")
+    f.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)))  # 8-bit palette
+    f.write(_png_chunk(b"PLTE", palette.astype(np.uint8).tobytes()))
+    stream = zlib.compressobj(6)
+    for strip in rows.strips():
+        strip = _as_label(strip)
+        data = stream.compress(np.concatenate([np.zeros((len(strip), 1), np.uint8), strip], axis=1).tobytes())
+        if data:
+            f.write(_png_chunk(b"IDAT", data))
+    f.write(_png_chunk(b"IDAT", stream.flush()))
+    f.write(_png_chunk(b"IEND", b""))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    """length, type, data, CRC-32 of type + data (PNG spec §5.3)."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def _as_label(label: np.ndarray) -> np.ndarray:
@@ -78,30 +132,96 @@ def _as_label(label: np.ndarray) -> np.ndarray:
 def save_cams_npy(
     path: str | os.PathLike,
     keys: Sequence[int] | np.ndarray,
-    cams: np.ndarray,
+    cams: np.ndarray | Rows,
     overwrite: bool = False,
-    **extra: np.ndarray,
+    **extra: np.ndarray | Rows,
 ) -> Path:
     """Save CAMs as CLIP-ES does: ``{"keys": (K,) int64, "attn_highres": (K, H, W) float16, **extra}``.
 
     ``keys`` are 0-based class ids. Floating ``extra`` arrays (e.g. ``highres`` = the initial
     CAM) are stored as float16 like CLIP-ES's own commented-out ``highres`` entry. Read back
     with ``np.load(path, allow_pickle=True).item()``. The file is written at ``path`` exactly
-    (no ``.npy`` suffix is added).
+    (no ``.npy`` suffix is added). Maps are converted and written strip by strip (the same opcodes
+    as ``np.save``'s pickle, without its memo entries), so ``Rows`` never need a whole map in memory.
     """
     keys = np.asarray(keys)
-    cams = np.asarray(cams)
     if keys.ndim != 1 or not (keys.size == 0 or np.issubdtype(keys.dtype, np.integer)):
         raise ValueError(f"keys must be a 1-D array of integer class ids, got {keys.dtype} {keys.shape}")
-    if cams.ndim != 3 or cams.shape[0] != keys.size:
+    if len(cams.shape) != 3 or cams.shape[0] != keys.size:
         raise ValueError(f"cams must be (K, H, W) with K = len(keys) = {keys.size}, got {cams.shape}")
     if "attn_highres" in extra:
         raise ValueError("'attn_highres' is written from cams; pass it as cams, not as an extra")
-    record = {"keys": keys.astype(np.int64), "attn_highres": cams.astype(np.float16)}
+    record: dict = {"keys": keys.astype(np.int64), "attn_highres": _StripArray(cams, np.float16)}
     for name, value in extra.items():
-        value = np.asarray(value)
-        record[name] = value.astype(np.float16) if np.issubdtype(value.dtype, np.floating) else value
-    return atomic_write(path, lambda f: np.save(f, record, allow_pickle=True), overwrite)
+        if isinstance(value, Rows) or np.issubdtype(np.asarray(value).dtype, np.floating):
+            record[name] = _StripArray(value, np.float16)
+        else:
+            record[name] = np.asarray(value)
+    return atomic_write(path, lambda f: _write_npy_dict(f, record), overwrite)
+
+
+class _StripArray:
+    """An array pickled the way ndarray pickles itself, its data converted and written strip by strip."""
+
+    def __init__(self, source: np.ndarray | Rows, dtype):
+        self.rows = source if isinstance(source, Rows) else Rows.of(np.asarray(source))
+        self.dtype = np.dtype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.rows.shape)) * self.dtype.itemsize
+
+    def chunks(self):
+        """The C-order bytes: a (K, H, W) map is written class by class, each class strip by strip."""
+        shape = self.rows.shape
+        if len(shape) == 2:
+            for strip in self.rows.strips():
+                yield np.ascontiguousarray(strip, dtype=self.dtype).tobytes()
+            return
+        for k in range(shape[0]):
+            for strip in Rows(shape[1:], lambda a, b, k=k: self.rows.read(a, b)[k]).strips():
+                yield np.ascontiguousarray(strip, dtype=self.dtype).tobytes()
+
+
+class _StreamingPickler(pickle._Pickler):
+    """Protocol-3 pickler (what np.save uses) that writes a _StripArray's bytes as they are made.
+
+    The opcodes are those of ndarray's own reduction, _reconstruct(ndarray, (0,), b'b') then
+    BUILD with (1, shape, dtype, False, data), so np.load and rfm.data.load_npy_dict read it.
+    """
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_strip_array(self, obj: _StripArray) -> None:
+        self.save_reduce(_np_reconstruct, (np.ndarray, (0,), b"b"),
+                         state=(1, tuple(obj.rows.shape), obj.dtype, False, _StripBytes(obj)))
+
+    def save_strip_bytes(self, obj: "_StripBytes") -> None:
+        size = obj.array.nbytes
+        if size >= 1 << 32:
+            raise ValueError(f"a CAM entry of {size / 2**30:.1f} GiB does not fit a protocol-3 .npy (limit 4 GiB); "
+                             f"lower --max-side or export fewer classes per file")
+        self.write(pickle.BINBYTES + struct.pack("<I", size))
+        for chunk in obj.array.chunks():
+            self.write(chunk)
+
+    dispatch[_StripArray] = save_strip_array
+
+
+class _StripBytes:
+    def __init__(self, array: _StripArray):
+        self.array = array
+
+
+_StreamingPickler.dispatch[_StripBytes] = _StreamingPickler.save_strip_bytes
+
+
+def _write_npy_dict(f, record: dict) -> None:
+    """What np.save(f, record, allow_pickle=True) writes: a 0-d object array's header, then its pickle."""
+    npy_format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": ()})
+    scalar = np.empty((), dtype=object)
+    scalar[()] = record
+    _StreamingPickler(f, protocol=3).dump(scalar)
 
 
 def coco_rle_encode(mask: np.ndarray) -> dict:

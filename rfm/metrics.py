@@ -264,11 +264,14 @@ def read_label_png(path: Path) -> np.ndarray:
     """(H, W) integer class-index map of a palette / grayscale PNG."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        if image.mode not in ("P", "L", "I", "I;16", "1"):
-            raise ValueError(f"{path}: mode {image.mode} image; expected a single-channel "
-                             "class-index PNG (palette or grayscale)")
-        return np.asarray(image)
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L", "I", "I;16", "1"):
+                raise ValueError(f"{path}: mode {image.mode} image; expected a single-channel "
+                                 "class-index PNG (palette or grayscale)")
+            return np.asarray(image)
+    except (OSError, SyntaxError) as err:  # Pillow's errors for damaged or non-image files
+        raise ValueError(f"{path}: cannot read the label PNG ({err})") from None
 
 
 def _list_files(folder: Path, suffix: str, exclude: set) -> dict[str, Path]:
@@ -286,6 +289,10 @@ def _read_cams(path: Path, cam_key: str, num_classes: int) -> tuple[np.ndarray, 
     if cams.ndim != 3 or cams.shape[0] != keys.size:
         raise ValueError(f"{path}: '{cam_key}' must be (K, H, W) with K = len(keys) = {keys.size}, "
                          f"got {cams.shape}")
+    if not np.issubdtype(cams.dtype, np.floating):
+        raise ValueError(f"{path}: '{cam_key}' holds {cams.dtype} values, expected floating-point CAMs")
+    if not np.isfinite(cams).all():  # NaN compares false everywhere: the file would silently score 0
+        raise ValueError(f"{path}: '{cam_key}' holds NaN or infinite values")
     if keys.size and not np.issubdtype(keys.dtype, np.integer):
         raise ValueError(f"{path}: keys must be integer class ids, got {keys.dtype}")
     if keys.size and (keys.min() < 0 or keys.max() + 1 >= num_classes):

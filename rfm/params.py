@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from . import checks
-from .constants import DISTANCES
+from .constants import DISTANCES, MAX_ALPHA
 
 Box = tuple[float, float, float, float]
 
@@ -29,7 +29,10 @@ class RefineParams:
     par_iterations: int = 20  # 0 turns PAR off
 
     def __post_init__(self):
-        ints = {"alpha": (1, "α is a matrix power: 1 means no propagation beyond one step"),
+        object.__setattr__(self, "alpha", checks.integer(
+            "alpha", self.alpha, 1, MAX_ALPHA, why="α is a matrix power: 1 is one propagation step; by 64 the walk "
+            "has long mixed to its stationary blur, and near α ≈ 54 000 float32 underflows to NaN"))
+        ints = {
                 "n0": (1, "N0 is the first block RFM may select, counted from 1"),
                 "static_layers": (1, "the static refinement averages at least one block"),
                 "par_iterations": (0, "0 turns PAR off")}
@@ -41,7 +44,11 @@ class RefineParams:
         if not isinstance(self.boxes, Mapping):
             raise ValueError("boxes must map a class name to a list of (x0, y0, x1, y1) boxes")
         for name, boxes in self.boxes.items():
+            if isinstance(boxes, (str, bytes)) or not isinstance(boxes, Sequence):
+                raise ValueError(f"boxes for {name!r} must be a list of (x0, y0, x1, y1) boxes, got {boxes!r}")
             for box in boxes:
+                if isinstance(box, (str, bytes)) or not isinstance(box, Sequence):
+                    raise ValueError(f"box {box!r} for {name!r} must be four numbers (x0, y0, x1, y1)")
                 if len(box) != 4 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in box):
                     raise ValueError(f"box {box!r} for {name!r} must be four numbers (x0, y0, x1, y1)")
                 if not (box[0] < box[2] and box[1] < box[3]):

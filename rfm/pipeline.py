@@ -51,16 +51,18 @@ class ImageFeatures:
 
 def encode_image(clip: FrozenClip, image: np.ndarray, class_indices: Sequence[int],
                  text: tuple[torch.Tensor, torch.Tensor], decoder: Decoder | None = None,
-                 max_side: int | None = None, valid: np.ndarray | None = None, par_affinity: bool = True
-                 ) -> ImageFeatures:
+                 max_side: int | None = None, valid: np.ndarray | None = None, par_affinity: bool = True,
+                 size: tuple[int, int] | None = None) -> ImageFeatures:
     """Stages 1–3 of an image: one backbone pass, the CLIP-ES initial CAM of ``class_indices``, A_f, PAR affinity.
 
     image (H, W, 3) uint8 RGB; text = (class features (V, E) of the whole vocabulary, background (B, E)).
     ``max_side``: the CLIP-ES resize rule (network input ceil(side·s/16)·16, PAR at the image scaled
     to max_side); None feeds the image as it is (a training crop whose sides are multiples of the patch).
     ``par_affinity=False`` skips PAR's affinity for features that will not be refined here (a feature cache).
+    ``size``: the (H, W) of the full image when ``image`` holds reduced pixels of it (a JPEG decoded
+    reduced); both resizes then start from those pixels, and results are at ``size``.
     """
-    h, w = image.shape[:2]
+    h, w = size or image.shape[:2]
     if max_side is None:
         net, work = (h, w), (h, w)
     else:

@@ -7,6 +7,7 @@ its labels and the decoder and are kept in ``Predictor.features`` (an ``ImageFea
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -20,8 +21,9 @@ from . import checks
 from . import refine as rf
 from .backbone import FrozenClip, pick_device
 from .constants import CAM_STAGES, IGNORE_INDEX
-from .data import ImageError, to_rgb_array
+from .data import ImageError, read_image, to_rgb_array
 from .decoder import Decoder, check_compatible
+from .export import Rows
 from .losses import make_optimizer, poly_warmup_lr
 from .par import pseudo_label as argmax_label
 from .params import Box, RefineParams
@@ -39,10 +41,11 @@ class PatchMaps:
 
 
 class Result:
-    """What ``Predictor.refine`` returns. Image-size maps are made on first access from the patch maps."""
+    """What ``Predictor.refine`` returns. Image-size maps are made on first access from the patch maps,
+    or strip by strip (``cam_rows``, ``label_rows``) by writers that must not hold a whole one."""
 
     def __init__(self, *, class_names, class_indices, params, image_size, patch, box_mask, auto_boxes,
-                 layer_scores, layer_keep, layer_threshold, rfm_fallback, notes, probs, user_masks):
+                 layer_scores, layer_keep, layer_threshold, rfm_fallback, notes, probs, user_boxes):
         self.class_names: list[str] = class_names
         self.class_indices: list[int] = class_indices
         self.params: RefineParams = params
@@ -56,38 +59,73 @@ class Result:
         self.rfm_fallback: bool = rfm_fallback  # no layer passed G^l: R used the mean of N0..N
         self.notes: list[str] = notes
         self.probs: np.ndarray = probs  # (1 + K, h', w') PAR output at the work resolution, background first
-        self._user_masks = user_masks  # {class position: (H, W) bool} for classes with user boxes
+        self._user_boxes = user_boxes  # {class position: boxes in image pixels} for classes with user boxes
+        self._work_labels: dict[tuple[float, int], np.ndarray] = {}  # (confidence, ignore index) → (h', w')
 
-    def _to_image(self, maps: np.ndarray | None, clip_to_boxes: bool) -> np.ndarray | None:
+    def resized(self, size: tuple[int, int]) -> "Result":
+        """The same result with its image-size maps at ``size`` (H, W) instead, user boxes scaled along:
+        previews of a huge image (overlays, figures) without image-size maps."""
+        (height, width), (new_h, new_w) = self.image_size, size
+        sx, sy = new_w / width, new_h / height
+        return Result(
+            class_names=self.class_names, class_indices=self.class_indices, params=self.params, image_size=tuple(size),
+            patch=self.patch, box_mask=self.box_mask,
+            auto_boxes={n: [_scale_box(b, sx, sy) for b in boxes] for n, boxes in self.auto_boxes.items()},
+            layer_scores=self.layer_scores, layer_keep=self.layer_keep, layer_threshold=self.layer_threshold,
+            rfm_fallback=self.rfm_fallback, notes=self.notes, probs=self.probs,
+            user_boxes={k: [_scale_box(b, sx, sy) for b in boxes] for k, boxes in self._user_boxes.items()})
+
+    def _inside_rows(self, k: int, start: int, stop: int) -> np.ndarray:
+        """(stop − start, W) bool: rows of class k's user-box mask."""
+        return rf.boxes_to_pixel_mask(self._user_boxes[k], self.image_size, rows=(start, stop)).numpy()
+
+    def cam_rows(self, stage: str) -> Rows | None:
+        """A stage's (K, H, W) CAMs as ``Rows`` made strip by strip (for writers of huge images); None for
+        'rfm' without a decoder."""
+        checks.choice("stage", stage, CAM_STAGES)
+        if stage == "rfm" and self.patch.cam_rfm is None:
+            return None
+        return Rows((len(self.class_indices), *self.image_size), lambda a, b: self._cam_strip(stage, a, b))
+
+    def label_rows(self, confidence: float = 0.0, ignore_index: int = IGNORE_INDEX) -> Rows:
+        """``label_with_ignore`` as (H, W) ``Rows`` made strip by strip."""
+        checks.unit_interval("confidence", confidence)
+        return Rows(self.image_size, lambda a, b: self._label_strip(a, b, confidence, ignore_index))
+
+    def _cam_strip(self, stage: str, start: int, stop: int) -> np.ndarray | None:
+        """(K, stop − start, W) float32 in [0, 1]: rows start..stop of a stage's image-size CAMs.
+
+        Bilinear with half-pixel centres from the patch grid (cv2's INTER_LINEAR rule), refined
+        stages clipped to user boxes; None for 'rfm' without a decoder.
+        """
+        maps = {"initial": self.patch.cam_initial, "static": self.patch.cam_static, "rfm": self.patch.cam_rfm}[stage]
         if maps is None:
             return None
-        h, w = self.image_size
-        out = np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]).astype(np.float32)
-        if clip_to_boxes:
-            for k, mask in self._user_masks.items():
-                out[k] *= mask
-        return np.clip(out, 0.0, 1.0)
-
-    @cached_property
-    def cam_initial(self) -> np.ndarray:
-        """(K, H, W) float32 in [0, 1]: CLIP-ES softmax-GradCAM, bilinearly resized (CLIP-ES's 'highres')."""
-        return self._to_image(self.patch.cam_initial, clip_to_boxes=False)
-
-    @cached_property
-    def cam_static(self) -> np.ndarray:
-        """(K, H, W): CLIP-ES static refinement (CAA), clipped to user boxes where given."""
-        return self._to_image(self.patch.cam_static, clip_to_boxes=True)
-
-    @cached_property
-    def cam_rfm(self) -> np.ndarray | None:
-        """(K, H, W): RFM refinement, or None without a decoder."""
-        return self._to_image(self.patch.cam_rfm, clip_to_boxes=True)
+        out = bilinear_rows(maps, self.image_size, start, stop)
+        if stage != "initial":
+            for k in self._user_boxes:
+                out[k] *= self._inside_rows(k, start, stop)
+        return np.clip(out, 0.0, 1.0, out=out)
 
     def cam(self, stage: str) -> np.ndarray | None:
         """(K, H, W) CAMs of a stage: 'initial', 'static' or 'rfm' (None without a decoder)."""
         checks.choice("stage", stage, CAM_STAGES)
-        return {"initial": lambda: self.cam_initial, "static": lambda: self.cam_static,
-                "rfm": lambda: self.cam_rfm}[stage]()
+        return getattr(self, f"cam_{stage}")
+
+    @cached_property
+    def cam_initial(self) -> np.ndarray:
+        """(K, H, W) float32 in [0, 1]: CLIP-ES softmax-GradCAM, bilinearly resized (CLIP-ES's 'highres')."""
+        return self._cam_strip("initial", 0, self.image_size[0])
+
+    @cached_property
+    def cam_static(self) -> np.ndarray:
+        """(K, H, W): CLIP-ES static refinement (CAA), clipped to user boxes where given."""
+        return self._cam_strip("static", 0, self.image_size[0])
+
+    @cached_property
+    def cam_rfm(self) -> np.ndarray | None:
+        """(K, H, W): RFM refinement, or None without a decoder."""
+        return self._cam_strip("rfm", 0, self.image_size[0])
 
     @property
     def num_tokens(self) -> int:
@@ -122,20 +160,66 @@ class Result:
         [bg; classes] after PAR (PAR's maps are not normalised: their rows sum to 1.01 per
         iteration). CLIP-ES ignores pixels below 0.95 of its CRF probabilities; 0 ignores none.
         """
-        checks.unit_interval("confidence", confidence)
-        probs = torch.from_numpy(self.probs)
-        label = argmax_label(probs, self.class_indices).numpy().astype(np.uint8)
-        if confidence > 0:
-            total = probs.sum(0)
-            share = probs.amax(0) / torch.where(total > 0, total, torch.ones_like(total))
-            label[(share < confidence).numpy()] = ignore_index
+        return self._label_strip(0, self.image_size[0], confidence, ignore_index)
+
+    def _label_strip(self, start: int, stop: int, confidence: float, ignore_index: int) -> np.ndarray:
+        """(stop − start, W) uint8: rows start..stop of ``label_with_ignore`` (cv2 INTER_NEAREST upsampling
+        of the work-resolution label, so every strip equals the same rows of the whole label)."""
+        small = self._work_label(checks.unit_interval("confidence", confidence), ignore_index)
         h, w = self.image_size
-        if label.shape != (h, w):
-            label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
-            # nearest upsampling can spill a work-resolution pixel over a user box's edge
-            for k, mask in self._user_masks.items():
-                label[(label == self.class_indices[k] + 1) & ~mask] = 0
+        if small.shape == (h, w):
+            return small[start:stop].copy()  # the work label is cached: callers may write to what they get
+        rows, cols = _nearest_indices(small.shape[0], h), _nearest_indices(small.shape[1], w)
+        label = small[rows[start:stop]][:, cols]
+        # nearest upsampling can spill a work-resolution pixel over a user box's edge
+        for k in self._user_boxes:
+            label[(label == self.class_indices[k] + 1) & ~self._inside_rows(k, start, stop)] = 0
         return label
+
+    def _work_label(self, confidence: float, ignore_index: int) -> np.ndarray:
+        """(h', w') uint8 argmax of the PAR output, ``ignore_index`` where its top share is below ``confidence``."""
+        key = (confidence, ignore_index)
+        if key not in self._work_labels:
+            probs = torch.from_numpy(self.probs)
+            label = argmax_label(probs, self.class_indices).numpy().astype(np.uint8)
+            if confidence > 0:
+                total = probs.sum(0)
+                share = probs.amax(0) / torch.where(total > 0, total, torch.ones_like(total))
+                label[(share < confidence).numpy()] = ignore_index
+            self._work_labels[key] = label
+        return self._work_labels[key]
+
+
+def _scale_box(box: Box, sx: float, sy: float) -> Box:
+    x0, y0, x1, y1 = box
+    return (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+
+
+def bilinear_rows(maps: np.ndarray, size: tuple[int, int], start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of (K, h, w) maps resized bilinearly to (K, H, W), as float32.
+
+    Half-pixel centres, source coordinate (i + ½)·h/H − ½ clamped to the map (cv2's INTER_LINEAR);
+    columns are interpolated first, then the two source rows of every output row are blended.
+    """
+    (height, width), (h, w) = size, maps.shape[1:]
+    r0, r1, fr = _linear_taps(h, height, start, stop)
+    c0, c1, fc = _linear_taps(w, width, 0, width)
+    maps = np.asarray(maps, np.float64)  # float64 inside: within float32 rounding of cv2's own arithmetic
+    cols = maps[:, :, c0] * (1 - fc) + maps[:, :, c1] * fc  # (K, h, W)
+    return (cols[:, r0] * (1 - fr)[:, None] + cols[:, r1] * fr[:, None]).astype(np.float32)
+
+
+def _linear_taps(src: int, dst: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For output positions start..stop of a src → dst resize: (lower tap, upper tap, float32 weight of the upper)."""
+    pos = np.clip((np.arange(start, stop) + 0.5) * (1.0 / (dst / src)) - 0.5, 0, src - 1)  # cv2's scale
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, src - 1)
+    return lo, hi, (pos - lo).astype(np.float32).astype(np.float64)  # cv2 keeps float32 weights
+
+
+def _nearest_indices(src: int, dst: int) -> np.ndarray:
+    """(dst,) source index of every output position of cv2's INTER_NEAREST resize: floor(i / (dst/src))."""
+    return np.minimum(np.floor(np.arange(dst) * (1.0 / (dst / src))).astype(np.intp), src - 1)
 
 
 @dataclass
@@ -199,21 +283,28 @@ class Predictor:
 
     # ------------------------------------------------------------ stages 1–3
 
-    def set_image(self, image, labels: Sequence[str | int]) -> None:
+    def set_image(self, image, labels: Sequence[str | int], image_size: tuple[int, int] | None = None) -> None:
         """Run the frozen CLIP (and decoder) on an image and compute the initial CAM of ``labels``.
 
-        image: (H, W, 3) uint8 RGB (grey, RGBA and 16-bit arrays, PIL images and paths are converted).
+        image: (H, W, 3) uint8 RGB (grey, RGBA and 16-bit arrays, PIL images and paths are converted; a
+        path is decoded reduced to about ``max_side``, see ``rfm.data.read_image``).
         labels: class names (or prompt names) of the vocabulary, or 0-based vocabulary indices.
+        image_size: the (H, W) the results are at when ``image`` holds reduced pixels of a larger image
+        (``read_image(path, max_side).rgb`` with its ``.size``); default the array's own size.
         The previous image's features stay until the new ones are complete.
         """
+        if isinstance(image, (str, os.PathLike)):
+            file = read_image(image, self.max_side)
+            image, image_size = file.rgb, file.size
         rgb = to_rgb_array(image)
-        h, w = rgb.shape[:2]
+        h, w = image_size or rgb.shape[:2]
         p = self.clip.patch_size
         if min(h, w) < p:
             raise ImageError(f"image is {w}×{h} pixels; each side must be at least one {p}-pixel patch")
         indices = self._resolve_labels(labels)
         with self._lock:
-            self.features = encode_image(self.clip, rgb, indices, self._text(), self.decoder, self.max_side)
+            self.features = encode_image(self.clip, rgb, indices, self._text(), self.decoder, self.max_side,
+                                         size=(h, w))
 
     def set_labels(self, labels: Sequence[str | int]) -> None:
         """Change the image's classes without rerunning the backbone (only the last block runs again)."""
@@ -348,6 +439,10 @@ class Predictor:
         sy, sx = wh / height, ww / width
         inside = {k: rf.boxes_to_pixel_mask([(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in boxes],
                                             (wh, ww)) for k, boxes in user_boxes.items()}
+        for k, mask in inside.items():
+            if not mask.any():
+                notes.append(f"the boxes of {names[k]!r} hold no pixel at PAR's {ww}×{wh} work resolution: "
+                             f"the pseudo label cannot show it; draw them larger")
         probs = par_probs(features, cam_static if cam_rfm is None else cam_rfm, params, inside)
         scores = stages.scores
         finite = scores[torch.isfinite(scores)]
@@ -361,7 +456,7 @@ class Predictor:
             layer_scores=scores.double().cpu().numpy(), layer_keep=stages.keep.cpu().numpy(),
             layer_threshold=float(finite.mean()) if len(finite) else float("nan"),
             rfm_fallback=stages.fallback, notes=notes, probs=_np(probs),
-            user_masks={k: rf.boxes_to_pixel_mask(b, (height, width)).numpy() for k, b in user_boxes.items()},
+            user_boxes=user_boxes,
         )
 
     def _user_boxes(self, boxes: Mapping[str, Sequence[Box]], indices: list[int],
@@ -378,6 +473,10 @@ class Predictor:
                 x0, y0, x1, y1 = box
                 if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
                     raise ValueError(f"box {tuple(box)} for {name!r} extends outside the {width}×{height} image")
+                if not rf.covers_pixel_centre(box, size):
+                    # the class would vanish from the label: a pixel belongs to a box only by its centre
+                    raise ValueError(f"box {tuple(box)} for {name!r} holds no pixel centre (pixel (x, y) is inside "
+                                     f"when x0 ≤ x + ½ < x1 and y0 ≤ y + ½ < y1); draw it at least one pixel wide")
             if class_boxes:
                 out.setdefault(indices.index(i), []).extend(tuple(float(v) for v in b) for b in class_boxes)
         return out

@@ -199,20 +199,34 @@ def boxes_to_patch_mask(boxes, image_size: tuple[int, int], grid: tuple[int, int
     return mask
 
 
-def boxes_to_pixel_mask(boxes, image_size: tuple[int, int]) -> Tensor:
+def boxes_to_pixel_mask(boxes, image_size: tuple[int, int], rows: tuple[int, int] | None = None) -> Tensor:
     """Pixel mask of boxes: (y, x) is inside iff x0 ≤ x + ½ < x1 and y0 ≤ y + ½ < y1 for some box.
 
     Testing the pixel centre makes integer boxes behave as the slice [y0:y1, x0:x1] and gives
-    fractional boxes a rounding-free meaning. image_size: (H, W) -> (H, W) bool Tensor on the CPU.
+    fractional boxes a rounding-free meaning. image_size: (H, W) -> (H, W) bool Tensor on the CPU,
+    or only rows ``start..stop`` of it (stop − start, W), so a mask of a huge image can be streamed.
     Zero-area boxes and boxes entirely outside the image raise ValueError.
     """
     height, width = _check_size("image_size", image_size)
-    ys = torch.arange(height, dtype=torch.float64) + 0.5
+    start, stop = (0, height) if rows is None else rows
+    ys = torch.arange(start, stop, dtype=torch.float64) + 0.5
     xs = torch.arange(width, dtype=torch.float64) + 0.5
-    mask = torch.zeros((height, width), dtype=torch.bool)
+    mask = torch.zeros((stop - start, width), dtype=torch.bool)
     for x0, y0, x1, y1 in _check_boxes(boxes, (height, width)):
         mask |= ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
     return mask
+
+
+def covers_pixel_centre(box, image_size: tuple[int, int]) -> bool:
+    """Whether a box holds at least one pixel centre (x + ½, y + ½) of an (H, W) image (see boxes_to_pixel_mask)."""
+    height, width = image_size
+    x0, y0, x1, y1 = (float(v) for v in box)
+
+    def hits(lo: float, hi: float, size: int) -> bool:
+        first = max(0, math.ceil(lo - 0.5))  # the first centre index with index + ½ ≥ lo
+        return first < size and first + 0.5 < hi
+
+    return hits(x0, x1, width) and hits(y0, y1, height)
 
 
 # --------------------------------------------------------------------------- propagation

@@ -692,12 +692,24 @@ class Session:
         return viz.save_figure(viz.side_by_side_figure(self.upload.rgb, r),
                                self.folder / f"{self.upload.stem}_figure.png", overwrite=True)
 
-    def add_to_dataset(self, folder: str | None, stem: str | None, overwrite: bool) -> DatasetReport:
-        """Image and pseudo label into a VOC-layout folder; refuses to replace a pair unless ``overwrite``."""
+    def add_to_dataset(self, folder: str | None, stem: str | None, overwrite: bool,
+                       root: Path | None = None) -> DatasetReport:
+        """Image and pseudo label into a VOC-layout folder; refuses to replace a pair unless ``overwrite``.
+
+        ``root``: when the studio is served to other machines, the folder must lie inside it (a
+        relative folder is taken from it), so a visitor cannot write anywhere the server may.
+        """
         result = self._exportable()
         if not (folder or "").strip():
             raise UserMessage("Choose a dataset folder first.")
-        root = Path(folder.strip()).expanduser().absolute()
+        if root is None:
+            root = Path(folder.strip()).expanduser().absolute()
+        else:
+            base = root.resolve()
+            root = (base / folder.strip()).resolve()
+            if root != base and base not in root.parents:
+                raise UserMessage(f"⚠️ Not saved: this studio is served to other machines, so datasets are written "
+                                  f"only inside `{base}` (choose a folder there).")
         stem = (stem or "").strip() or self.upload.stem
         try:
             total = export.save_to_voc_dataset(root, stem, self.upload.rgb, result.label, overwrite=bool(overwrite),

@@ -131,7 +131,14 @@ def get_vocabulary(spec: str | Vocabulary | Sequence[str] = "voc",
         words = [w for w in words if w]
         if not words:
             raise ValueError("a custom vocabulary needs at least one class word")
-        lowered = {w.lower() for w in words}
+        seen: dict[str, str] = {}
+        for w in words:
+            if w.lower() in seen:
+                # classes are looked up case-insensitively: the second would never be reachable
+                raise ValueError(f"the vocabulary names one class twice: {seen[w.lower()]!r} and {w!r} "
+                                 f"(class words are case-insensitive)")
+            seen[w.lower()] = w
+        lowered = set(seen)
         bg = tuple(w for w in VOC_BACKGROUND if w not in lowered)
         vocab = Vocabulary("custom", tuple(words), tuple(words), bg)
     if background is not None:

@@ -8,8 +8,10 @@ not change. No handler lets an exception reach Gradio: every failure is one line
 """
 from __future__ import annotations
 
+import atexit
 import html
 import logging
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Sequence
@@ -51,12 +53,39 @@ CSS = """
 class Studio:
     """The app's event handlers over shared :class:`Models`; each takes and returns the session."""
 
-    def __init__(self, models: Models, max_side: int = 512):
+    def __init__(self, models: Models, max_side: int = 512, dataset_root: Path | None = None):
         self.models = models
         self.max_side = max_side
+        self.dataset_root = dataset_root  # None: any folder (served to this machine only)
+        self._tabs: dict[str, Session] = {}  # browser session hash → its Session, to free it on unload
+        self._tabs_lock = threading.Lock()
+        atexit.register(self.close_all)
 
     def session(self, session: Session | None) -> Session:
         return session if session is not None else Session(self.models, self.max_side)
+
+    def open_tab(self, request: gr.Request) -> Session:
+        """Page load: the tab's session, known by the browser's session hash so that unload can free it."""
+        session = Session(self.models, self.max_side)
+        with self._tabs_lock:
+            self._tabs[request.session_hash] = session
+        return session
+
+    def close_tab(self, request: gr.Request) -> None:
+        """The tab closed: free its features and download folder now (Gradio drops the state an hour later)."""
+        with self._tabs_lock:
+            session = self._tabs.pop(request.session_hash, None)
+        close_session(session)
+
+    def close_all(self) -> None:
+        with self._tabs_lock:
+            sessions, self._tabs = list(self._tabs.values()), {}
+        for session in sessions:
+            close_session(session)
+
+    @property
+    def open_tabs(self) -> int:
+        return len(self._tabs)
 
     # ------------------------------------------------------------ what every view handler returns
 
@@ -289,7 +318,7 @@ class Studio:
 
             def action():
                 nonlocal report
-                report = session.add_to_dataset(folder, stem, overwrite)
+                report = session.add_to_dataset(folder, stem, overwrite, root=self.dataset_root)
 
             message = self._act(action)
         if report is None:
@@ -308,7 +337,8 @@ def build_app(studio: Studio) -> gr.Blocks:
     start = "Synthetic" if studio.models.builtin else "VOC"
     d = Controls.defaults(VOCABULARIES[start])
     vocabulary = get_vocabulary(VOCABULARIES[start])
-    with gr.Blocks(title="RFM studio") as app:
+    # delete_cache: Gradio's copies of uploads older than a day go, checked hourly
+    with gr.Blocks(title="RFM studio", delete_cache=(3600, 86400)) as app:
         session = gr.State(None, delete_callback=close_session)
         gr.Markdown("**RFM studio** · CLIP-ES initial CAM → static refinement → WeCLIP's RFM → AFA's PAR pseudo label",
                     elem_classes="banner")
@@ -469,6 +499,8 @@ def _wire(app: gr.Blocks, studio: Studio, ui: SimpleNamespace) -> None:
     ui.add_button.click(studio.add_to_dataset, [ui.session, ui.dataset_folder, ui.dataset_stem, ui.overwrite],
                         [ui.session, ui.dataset_status], api_name="add_to_dataset")
 
+    app.load(studio.open_tab, outputs=[ui.session], **private)
+    app.unload(studio.close_tab)
     banners = [ui.demo_banner, ui.weights_banner, ui.weights_message]
     app.load(studio.banners, outputs=banners, **private)
     ui.demo_button.click(studio.enable_demo, outputs=banners, api_name="demo_mode").then(**analyse, **private)

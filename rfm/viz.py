@@ -196,6 +196,18 @@ def save_figure(fig: Figure, path: str | os.PathLike, overwrite: bool = False, d
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), overwrite)
 
 
+def overlay_paths(result: Any, out_dir: str | os.PathLike) -> list[Path]:
+    """The files ``save_overlays`` writes for a result, in its order."""
+    out_dir = Path(out_dir)
+    names = _file_names(result.class_names)
+    return [out_dir / f"{stage}_{name}.png" for stage in _overlay_stages(result) for name in names] + [
+        out_dir / "label_overlay.png"]
+
+
+def _overlay_stages(result: Any) -> list[str]:
+    return [s for s in CAM_STAGES if s != "rfm" or result.cam_rfm is not None]
+
+
 def save_overlays(
     image: np.ndarray, result: Any, out_dir: str | os.PathLike, overwrite: bool = False
 ) -> list[Path]:
@@ -204,20 +216,15 @@ def save_overlays(
     RFM overlays are skipped when ``result.cam_rfm`` is None. Every target is checked
     before anything is written, so an existing file (without ``overwrite``) changes nothing.
     """
-    out_dir = Path(out_dir)
-    names = _file_names(result.class_names)
-    jobs = []
-    for stage in CAM_STAGES:
-        cams = result.cam(stage)
-        if cams is not None:
-            jobs += [(out_dir / f"{stage}_{name}.png", lambda c=cam: overlay_cam(image, c))
-                     for name, cam in zip(names, cams)]
-    jobs.append((out_dir / "label_overlay.png", lambda: overlay_label(image, result.label)))
+    paths = overlay_paths(result, out_dir)
     if not overwrite:
-        existing = [str(path) for path, _ in jobs if path.exists()]
+        existing = [str(path) for path in paths if path.exists()]
         if existing:
             raise FileExistsError(f"{', '.join(existing)} exist(s); pass overwrite=True to replace")
-    return [_save_rgb_png(path, render(), overwrite) for path, render in jobs]
+    renders = [lambda s=stage, k=k: overlay_cam(image, result.cam(s)[k])
+               for stage in _overlay_stages(result) for k in range(len(result.class_names))]
+    renders.append(lambda: overlay_label(image, result.label))
+    return [_save_rgb_png(path, render(), overwrite) for path, render in zip(paths, renders)]
 
 
 def _file_names(class_names: Sequence[str]) -> list[str]:

@@ -53,7 +53,7 @@ def test_run_writes_label_overlays_and_figure(weight_files, voc_mini, tmp_path, 
 @pytest.mark.parametrize("case,message", [
     ("bad_image", "not an image file"),
     ("unknown_label", "unknown class 'unicorn'"),
-    ("bad_alpha", "alpha must be ≥ 1"),
+    ("bad_alpha", "alpha must be 1..64"),
     ("missing_clip", "CLIP checkpoint not found"),
 ])
 def test_errors_exit_non_zero_with_one_line(case, message, weight_files, voc_mini, tmp_path, capsys):

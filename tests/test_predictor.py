@@ -180,7 +180,8 @@ def test_without_decoder_rfm_is_none_and_explained(small_clip, photo):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(alpha=0), "alpha must be ≥ 1"),
+    (dict(alpha=0), "alpha must be 1..64"),
+    (dict(alpha=54_000), "alpha must be 1..64, got 54000 .*underflows"),
     (dict(alpha=1.5), "alpha must be an integer"),
     (dict(n0=0), "n0 must be ≥ 1"),
     (dict(box_threshold=1.0), "box_threshold must be strictly between 0 and 1"),
@@ -190,6 +191,8 @@ def test_without_decoder_rfm_is_none_and_explained(small_clip, photo):
     (dict(bg_power=0), "bg_power"),
     (dict(boxes={"cat": [(10, 10, 10, 50)]}), "zero area"),
     (dict(boxes={"cat": [(1, 2, 3)]}), "four numbers"),
+    (dict(boxes={"horse": None}), "boxes for 'horse' must be a list"),
+    (dict(boxes={"horse": [None]}), "four numbers"),
 ])
 def test_bad_params_are_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
