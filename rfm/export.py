@@ -82,6 +82,10 @@ class Rows:
         for start in range(0, height, rows):
             yield self.read(start, min(height, start + rows))
 
+    def whole(self) -> np.ndarray:
+        """All rows as one array (for consumers that need the whole map, such as column-major RLE)."""
+        return self.read(0, self.shape[-2])
+
 
 def save_label_png(label: np.ndarray | Rows, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Save an (H, W) class-index map (or its ``Rows``) as an indexed VOC-palette PNG; values are kept as is.

@@ -4,10 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
+
+# atomic_write's temporary names: ".<target name>.<12 hex digits>.tmp" beside the target.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 
 def atomic_write(
@@ -25,7 +29,7 @@ def atomic_write(
     if not overwrite and path.exists():
         raise FileExistsError(exists_message(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # _TEMPORARY's pattern
     # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -46,8 +50,13 @@ def atomic_write(
     return path
 
 
-def exists_message(path: Path) -> str:
-    return f"{path} exists; pass overwrite=True to replace it"
+def remove_temporaries(folder: str | os.PathLike) -> None:
+    """Delete the temporary files atomic_write left anywhere under ``folder`` (a killed writer runs no
+    cleanup). Only names of atomic_write's pattern are touched; symbolic links to folders are not followed."""
+    for parent, _, names in os.walk(folder):
+        for name in filter(_TEMPORARY.fullmatch, names):
+            with suppress(FileNotFoundError):
+                os.unlink(os.path.join(parent, name))
 
 
 def exists_message(path: Path) -> str:

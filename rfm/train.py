@@ -13,14 +13,18 @@ Two modes:
   crops that keep the full image's context (a token of a crop has attended to the whole image).
 
 Every random draw of step t comes from a generator seeded by (seed, t), so a resumed run
-repeats the uninterrupted trajectory exactly.
+repeats the uninterrupted trajectory exactly. A checkpoint is one file, ``state.pt``, holding
+everything a resume needs (step, weights with their SHA-256, optimiser, settings, log), replaced
+atomically; decoder.safetensors/.json, log.csv and losses.png are written from it afterwards.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import pickle
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,8 +35,8 @@ import torch
 from .backbone import FrozenClip, network_size, resize_image
 from .constants import STAGES
 from .data import Sample, load_image
-from .decoder import Decoder, load_decoder
-from .fileio import atomic_write, save_json
+from .decoder import Decoder
+from .fileio import atomic_write, remove_temporaries, save_json
 from .losses import make_optimizer, poly_warmup_lr
 from .params import RefineParams, TrainConfig
 from .pipeline import ImageFeatures, decoder_step, encode_image
@@ -40,6 +44,10 @@ from .text import Vocabulary, vocabulary_features
 from .viz import save_training_plot
 
 LOG_FIELDS = ("step", "loss", "seg", "aff", "lr", "kept_fraction", "rfm", "seconds")
+CHECKPOINT = "state.pt"
+# What a checkpoint holds, and the type each field must have.
+_CHECKPOINT_FIELDS = {"step": int, "weights": dict, "weights_sha256": str, "decoder": str, "optimizer": dict,
+                      "config": str, "params": str, "log": str}
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -150,11 +158,63 @@ class FeatureCache:
 # ---------------------------------------------------------------- the run
 
 
-def _state_bytes(step: int, optimizer, config: TrainConfig, params: RefineParams) -> bytes:
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state_dict's names, dtypes, shapes and values (its safetensors bytes)."""
+    from safetensors.torch import save
+
+    return hashlib.sha256(save(weights)).hexdigest()
+
+
+def _checkpoint_bytes(step: int, decoder: Decoder, optimizer, config: TrainConfig, params: RefineParams,
+                      rows: list[dict]) -> bytes:
+    """The whole training state after ``step`` as one torch file (tensors, plain containers and strings only)."""
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in decoder.state_dict().items()}
     buf = io.BytesIO()
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": json.dumps(asdict(config)),
-                "params": json.dumps(asdict(params))}, buf)
+    torch.save({"step": step, "weights": weights, "weights_sha256": weights_sha256(weights),
+                "decoder": json.dumps(decoder.config), "optimizer": optimizer.state_dict(),
+                "config": json.dumps(asdict(config)), "params": json.dumps(asdict(params)),
+                "log": json.dumps(rows)}, buf)
     return buf.getvalue()
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The training state in ``path``, checked whole: every field present, the weights matching their SHA-256.
+
+    Read with torch.load(weights_only=True) only, so a crafted file cannot run code; whatever is wrong is a
+    ValueError naming the file.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise _invalid(path, "it holds Python objects other than tensors; checkpoints are read with "
+                             "torch.load(weights_only=True) so that they cannot run code") from None
+    except Exception as err:  # torch reports truncated or foreign files with many exception types
+        raise _invalid(path, f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+    fields = state if isinstance(state, dict) else {}
+    wrong = [k for k, kind in _CHECKPOINT_FIELDS.items() if not isinstance(fields.get(k), kind)]
+    if wrong:
+        raise _invalid(path, f"missing or malformed: {', '.join(wrong)}")
+    try:
+        intact = weights_sha256(state["weights"]) == state["weights_sha256"]
+    except Exception:  # not a flat {name: tensor} dict
+        intact = False
+    if not intact:
+        raise _invalid(path, "the weights do not match their recorded SHA-256")
+    return state
+
+
+def _invalid(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path}: not a valid training checkpoint ({why})")
+
+
+def _restore(state: dict, path: Path) -> tuple[Decoder, list[dict]]:
+    """The checkpoint's decoder and log rows."""
+    try:
+        decoder = Decoder(**json.loads(state["decoder"]))
+        decoder.load_state_dict(state["weights"])
+        return decoder, json.loads(state["log"])
+    except (TypeError, ValueError, RuntimeError) as err:  # a config or weights no Decoder takes
+        raise _invalid(path, f"{type(err).__name__}: {err}") from None
 
 
 def _comparable(config_json: str) -> dict:
@@ -174,19 +234,22 @@ def train(samples: list[Sample], clip: FrozenClip, vocab: Vocabulary, params: Re
         raise ValueError("no training image has image-level labels")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out)  # a killed run's half-written files
     device = clip.device
-    start = 0
+    start, log_rows = 0, []
+    checkpoint = out / CHECKPOINT
     if resume:
-        if not (out / "state.pt").is_file():
-            raise FileNotFoundError(f"nothing to resume in {out} (no state.pt)")
-        state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"nothing to resume in {out} (no {CHECKPOINT})")
+        state = read_checkpoint(checkpoint)
         if _comparable(state["config"]) != _comparable(json.dumps(asdict(config))) or \
                 json.loads(state["params"]) != asdict(params):
             raise ValueError(f"{out} was trained with other settings; resume with the same flags (only --steps, "
                              f"--save-every and --eval-every may change)")
-        decoder = load_decoder(out / "decoder.safetensors")
-        start = int(state["step"])
-    elif (out / "state.pt").exists():
+        decoder, log_rows = _restore(state, checkpoint)
+        start = state["step"]
+        _publish(out, decoder, log_rows)  # a kill between the commit and these files left older ones
+    elif checkpoint.exists():
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     if decoder is None:
         torch.manual_seed(config.seed)
@@ -198,14 +261,16 @@ def train(samples: list[Sample], clip: FrozenClip, vocab: Vocabulary, params: Re
     decoder = decoder.to(device).train()
     optimizer = make_optimizer(decoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if resume:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise _invalid(checkpoint, f"optimiser state: {type(err).__name__}: {err}") from None
 
     text = vocabulary_features(clip, vocab)
     cache = None
     if config.cache_features:
         cache = FeatureCache(out / "feature_cache", clip, vocab, config.cache_side, clip_id)
         cache.build(samples, progress)
-    log_rows = _read_log(out / "log.csv", before=start)
     bar = tqdm(total=config.steps, initial=start, unit="step", desc="train", disable=not progress)
     started = time.perf_counter()
     for step in range(start, config.steps):
@@ -233,8 +298,15 @@ def train(samples: list[Sample], clip: FrozenClip, vocab: Vocabulary, params: Re
 
 def _save(out: Path, decoder: Decoder, optimizer, step: int, config: TrainConfig, params: RefineParams,
           rows: list[dict]) -> None:
+    """Commit the checkpoint (state.pt replaced in one step), then write the files people load from it."""
+    data = _checkpoint_bytes(step, decoder, optimizer, config, params, rows)
+    atomic_write(out / CHECKPOINT, lambda f: f.write(data), overwrite=True)
+    _publish(out, decoder, rows)
+
+
+def _publish(out: Path, decoder: Decoder, rows: list[dict]) -> None:
+    """decoder.safetensors + .json (for --decoder), log.csv and losses.png of the committed checkpoint."""
     decoder.save(out / "decoder.safetensors", overwrite=True)
-    atomic_write(out / "state.pt", lambda f: f.write(_state_bytes(step, optimizer, config, params)), overwrite=True)
     fields = list(LOG_FIELDS) + sorted({k for r in rows for k in r} - set(LOG_FIELDS))
 
     def write_csv(f):
@@ -246,14 +318,6 @@ def _save(out: Path, decoder: Decoder, optimizer, step: int, config: TrainConfig
 
     atomic_write(out / "log.csv", write_csv, overwrite=True)
     save_training_plot(rows, out / "losses.png")
-
-
-def _read_log(path: Path, before: int) -> list[dict]:
-    if not path.is_file() or before == 0:
-        return []
-    with path.open(newline="") as f:
-        rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-    return [{**r, "step": int(r["step"]), "rfm": int(r["rfm"])} for r in rows if r["step"] <= before]
 
 
 def evaluate_pseudo_labels(clip: FrozenClip, decoder: Decoder, vocab: Vocabulary, params: RefineParams,
