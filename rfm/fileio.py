@@ -44,6 +44,10 @@ def atomic_write(
                 os.link(tmp, path)
             except FileExistsError:
                 raise FileExistsError(exists_message(path)) from None
+    except OSError as err:
+        if err.filename is None:  # write() and fsync() errors, a full disk among them, name no file
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         with suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -909,3 +909,39 @@ def test_a_failed_render_resends_every_view_next_time(studio, monkeypatch):
     monkeypatch.setattr(ui, "render", real)
     out = views_of(studio.refine(session, Controls(alpha=3), Display("cat"))[1:12])
     assert not any(skipped(out[name]) for name in ("initial", "static", "rfm", "label", "chart"))
+
+
+def test_a_served_studio_adds_to_datasets_only_inside_its_root(models, tmp_path):
+    root = tmp_path / "datasets"
+    studio = Studio(models, dataset_root=root)
+    session, _, _ = analyse(studio)
+    for outside in ("../elsewhere", str(tmp_path / "elsewhere"), "mine/../../elsewhere"):
+        _, status = studio.add_to_dataset(session, outside, "", False)
+        assert "Not saved" in status and "served to other machines" in status, outside
+    assert not (tmp_path / "elsewhere").exists()
+    _, status = studio.add_to_dataset(session, "mine", "", False)
+    assert "1 labelled image" in status and (root / "mine" / "SegmentationClass" / "chelsea.png").is_file()
+
+
+def test_closing_a_tab_frees_its_session_and_files(models):
+    studio = Studio(models)
+    tab = types.SimpleNamespace(session_hash="tab-1")
+    session = studio.open_tab(tab)
+    assert studio.open_tabs == 1
+    session, _, _ = analyse(studio, session=session)
+    _, label_path = studio.export_label(session)
+    folder = Path(label_path).parent
+    assert folder.name.startswith("rfm-studio-") and folder.is_dir()
+    studio.close_tab(tab)
+    assert studio.open_tabs == 0 and not folder.exists()
+    assert session.result is None and session.predictor.features is None  # the CLIP features are gone
+    studio.close_tab(tab)  # a second unload (a reload racing the close) is harmless
+
+
+def test_the_app_frees_tabs_on_unload_and_deletes_old_uploads(models):
+    studio = Studio(models)
+    app = build_app(studio)
+    events = {(fn.fn.__name__, tuple(t[1] for t in fn.targets)) for fn in app.fns.values()
+              if getattr(fn.fn, "__name__", "") in ("open_tab", "close_tab")}
+    assert events == {("open_tab", ("load",)), ("close_tab", ("unload",))}
+    assert app.delete_cache == (3600, 86400)
