@@ -7,12 +7,14 @@ function here: the tokenizer (``_openai_tokenizer``) and downloading OpenAI's we
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -222,8 +224,42 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str | os.PathLike = "ope
         path = Path(pretrained)
         if not path.is_file():
             raise ClipWeightsNotFound(f"CLIP checkpoint not found: {path}")
-    model = build_clip(read_openai_state_dict(path))
+    state_dict = read_openai_state_dict(path)
+    try:
+        _check_clip_size(state_dict)
+        model = build_clip(state_dict)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return FrozenClip(model.to(pick_device(device)), name=model_name)
+
+
+# Far above any released CLIP ViT (ViT-bigG: width 1664, 48 layers), far below what would exhaust a machine.
+CLIP_LIMITS = dict(width=4096, layers=64, patch_size=64, grid=64, embed_dim=4096, text_width=4096, text_layers=64,
+                   context_length=1024, vocab_size=262144)
+
+
+def _check_clip_size(state_dict: dict[str, torch.Tensor]) -> None:
+    """ValueError unless the CLIP that ``state_dict`` describes can be built without allocating far more than
+    the checkpoint holds: every dimension within CLIP_LIMITS, and the distinct tensor views no larger together
+    than their storages (a few bytes viewed with stride 0 can take any shape; a view under two names, as tied
+    weights are, counts once). Missing tensors are left to build_clip, which names them."""
+    try:
+        cfg = ClipConfig.from_state_dict(state_dict)
+    except KeyError:
+        return
+    except IndexError:
+        raise ValueError("not an OpenAI-format CLIP state dict: a tensor has fewer dimensions than CLIP's") from None
+    for name, limit in CLIP_LIMITS.items():
+        value = getattr(cfg, name)
+        if not 1 <= value <= limit:
+            raise ValueError(f"not a CLIP checkpoint: its tensor shapes give {name} {value}, outside 1..{limit}")
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state_dict.values()}
+    views = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype): t.nbytes
+             for t in state_dict.values()}
+    viewed = sum(views.values())
+    if viewed > sum(storages.values()):
+        raise ValueError(f"not a CLIP checkpoint: its tensors view {viewed} bytes of {sum(storages.values())} "
+                         f"stored (overlapping views)")
 
 
 def _download_openai(model_name: str, cache_dir: Path) -> Path:
@@ -251,11 +287,8 @@ def _download_openai(model_name: str, cache_dir: Path) -> Path:
 def read_openai_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of an OpenAI-format checkpoint, read without running any code it contains."""
     path = Path(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-        if any(n.endswith("/constants.pkl") or n.split("/", 1)[-1].startswith("code/") for n in names):
-            return _read_torchscript_tensors(path)
+    if _is_torchscript_archive(path):
+        return _read_torchscript_tensors(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -269,6 +302,18 @@ def read_openai_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
+def _is_torchscript_archive(path: Path) -> bool:
+    """Whether ``path`` is a zip with TorchScript's members (constants.pkl, code/), as OpenAI's files are."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{path} is not a CLIP checkpoint: a damaged zip archive ({err})") from None
+    return any(n.endswith("/constants.pkl") or n.split("/", 1)[-1].startswith("code/") for n in names)
+
+
 class _ScriptObject:
     """Stands in for a TorchScript module while its pickled attributes are read."""
 
@@ -279,55 +324,19 @@ class _ScriptObject:
         self.state = state if isinstance(state, dict) else {}
 
 
-def _read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of a TorchScript archive, via a restricted unpickler.
+class _Storage(NamedTuple):
+    """A storage read from the archive's ``data/<key>`` entry, as ``persistent_load`` hands it to the pickle."""
 
-    ``torch.jit.load`` would compile and keep the archive's code; ``torch.load(weights_only=True)``
-    refuses TorchScript archives. The archive's ``data.pkl`` only needs tensors, dicts and the module
-    objects' attribute dicts, so every other global is refused.
-    """
-    with zipfile.ZipFile(path) as zf:
-        data_pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
-        root = data_pkl.split("/")[0]
+    data: torch.UntypedStorage
+    dtype: torch.dtype
+    numel: int
 
-        def load_storage(pid):
-            kind, storage_type, key, _location, numel = pid
-            if kind != "storage":
-                raise pickle.UnpicklingError(f"unexpected persistent id {kind!r}")
-            dtype = storage_type
-            raw = zf.read(f"{root}/data/{key}")
-            return torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8), dtype, numel
 
-        def rebuild_tensor(storage, offset, size, stride, *rest):
-            untyped, dtype, _numel = storage
-            t = torch.empty(0, dtype=dtype)
-            t.set_(untyped, offset, size, stride)
-            return t
+class _PickledTensor(NamedTuple):
+    """A checked tensor view. Wrapped because a pickle BUILD on a bare tensor would call Tensor.__setstate__,
+    whose set_ resizes the storage to whatever size the pickle asks for; a NamedTuple has no state to set."""
 
-        class Restricted(pickle.Unpickler):
-            def find_class(self, module, name):
-                if module.startswith("__torch__"):
-                    return _ScriptObject
-                if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
-                    return rebuild_tensor
-                if module == "collections" and name == "OrderedDict":
-                    import collections
-                    return collections.OrderedDict
-                if module == "torch" and name in _STORAGE_DTYPES:
-                    return _STORAGE_DTYPES[name]
-                if module == "torch.jit._pickle" and name in ("build_intlist", "build_doublelist", "build_boollist",
-                                                                "build_tensorlist", "restore_type_tag"):
-                    return _identity
-                raise pickle.UnpicklingError(f"refusing to load {module}.{name} from {path}")
-
-            def persistent_load(self, pid):
-                return load_storage(pid)
-
-        with zf.open(data_pkl) as f:
-            top = Restricted(f).load()
-    tensors: dict[str, torch.Tensor] = {}
-    _collect_tensors(top, "", tensors)
-    return tensors
+    tensor: torch.Tensor
 
 
 _STORAGE_DTYPES = {
@@ -335,18 +344,136 @@ _STORAGE_DTYPES = {
     "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
+_JIT_LIST_BUILDERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
 
 
 def _identity(x, *args):
     return x
 
 
-def _collect_tensors(obj, prefix: str, out: dict) -> None:
-    if isinstance(obj, _ScriptObject):
-        for name, value in obj.state.items():
-            _collect_tensors(value, f"{prefix}{name}.", out)
-    elif isinstance(obj, torch.Tensor):
-        out[prefix[:-1]] = obj.clone()  # clone: detach from the zip buffer so the file can be closed
+def _is_count(value) -> bool:
+    """Whether ``value`` is a non-negative int (bool excluded: the pickle may say True for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _rebuild_tensor(storage, offset, size, stride, *rest) -> _PickledTensor:
+    """torch._utils._rebuild_tensor_v2 for a restricted unpickler: the view is checked to lie inside its
+    storage before it is made, because ``Tensor.set_`` would grow the storage to fit instead of failing."""
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError(f"a tensor is built on {type(storage).__name__}, not on a storage")
+    if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and all(map(_is_count, size + stride))):
+        raise pickle.UnpicklingError(f"a tensor has a malformed view: offset {offset!r}, size {size!r}, "
+                                     f"stride {stride!r}")
+    if 0 not in size:
+        end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
+        if end > storage.numel:
+            raise pickle.UnpicklingError(f"a tensor of size {size} (stride {stride}, offset {offset}) reaches "
+                                         f"element {end} of a storage of {storage.numel}")
+    return _PickledTensor(torch.empty(0, dtype=storage.dtype).set_(storage.data, offset, size, stride))
+
+
+def _stored_entry(zf: zipfile.ZipFile, name: str, archive_size: int) -> zipfile.ZipInfo:
+    """The zip entry ``name``, checked to be uncompressed (as torch writes them) and no larger than the archive,
+    so reading it never holds more bytes than the file has."""
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise pickle.UnpicklingError(f"the archive has no entry {name}") from None
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+        raise pickle.UnpicklingError(f"entry {name} is compressed; torch never compresses archive entries")
+    if info.file_size > archive_size:
+        raise pickle.UnpicklingError(f"entry {name} claims {info.file_size} bytes in a {archive_size}-byte file")
+    return info
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+    """Reads a TorchScript ``data.pkl``: module objects, tensors and containers only; any other global is
+    refused by name before it is imported. Each storage's claimed size is checked against its zip entry,
+    and all storages together against the file's size, before an entry is read."""
+
+    def __init__(self, file, zf: zipfile.ZipFile, root: str, archive_size: int):
+        super().__init__(file)
+        self.zf, self.root, self.archive_size = zf, root, archive_size
+        self.storages: dict[str, torch.UntypedStorage] = {}  # a hostile pickle may name one storage many times
+        # Entries of a real archive are disjoint parts of the file; a crafted zip can overlap them.
+        self.unread = archive_size
+
+    def find_class(self, module, name):
+        if module.startswith("__torch__"):
+            return _ScriptObject
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "torch.jit._pickle" and name in _JIT_LIST_BUILDERS:
+            return _identity
+        raise pickle.UnpicklingError(f"its data.pkl calls {module}.{name}, which a checkpoint never needs "
+                                     f"(refused, not imported)")
+
+    def persistent_load(self, pid) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, dtype, key, _location, numel = pid
+        if not (isinstance(dtype, torch.dtype) and isinstance(key, str) and _is_count(numel)):
+            raise pickle.UnpicklingError(f"malformed storage reference {pid!r:.80}")
+        name = f"{self.root}/data/{key}"
+        info = _stored_entry(self.zf, name, self.archive_size)
+        if numel * dtype.itemsize != info.file_size:
+            raise pickle.UnpicklingError(f"a storage claims {numel} {dtype} elements ({numel * dtype.itemsize} bytes) "
+                                         f"but entry {name} holds {info.file_size} bytes")
+        if key not in self.storages:
+            if info.file_size > self.unread:
+                raise pickle.UnpicklingError(f"its storages add up to more than the file's {self.archive_size} "
+                                             f"bytes (overlapping zip entries)")
+            self.unread -= info.file_size
+            # from_buffer copies, so the storage outlives the open archive
+            self.storages[key] = torch.UntypedStorage.from_buffer(self.zf.read(info), dtype=torch.uint8)
+        return _Storage(self.storages[key], dtype, numel)
+
+
+def _read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of a TorchScript archive, via a restricted unpickler.
+
+    ``torch.jit.load`` would compile and keep the archive's code; ``torch.load(weights_only=True)``
+    refuses TorchScript archives. The archive's ``data.pkl`` only needs tensors, dicts and the module
+    objects' attribute dicts, so every other global is refused. Memory stays within the file's size.
+    """
+    archive_size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            data_pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+            if data_pkl is None:
+                raise pickle.UnpicklingError("the archive has no <archive>/data.pkl")
+            with zf.open(_stored_entry(zf, data_pkl, archive_size)) as f:
+                top = _TorchScriptUnpickler(f, zf, data_pkl.split("/")[0], archive_size).load()
+    except pickle.UnpicklingError as err:  # the refusals above, and pickle's own for malformed data
+        raise ValueError(f"{path} is not a CLIP checkpoint: {err}") from None
+    except Exception as err:  # a damaged or hostile archive makes zipfile and pickle raise many types
+        raise ValueError(f"{path} is not a CLIP checkpoint: its archive is damaged "
+                         f"({type(err).__name__}: {err})") from None
+    return _collect_tensors(top)
+
+
+def _collect_tensors(top) -> dict[str, torch.Tensor]:
+    """The tensors in the attribute dicts of the module tree under ``top``, keyed by dotted path.
+
+    Each module is visited once: a hostile pickle can make the tree cyclic, or share modules so that the
+    number of paths grows exponentially with the depth.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    pending = [("", top)]
+    while pending:
+        prefix, obj = pending.pop()
+        if isinstance(obj, _PickledTensor):
+            tensors[prefix[:-1]] = obj.tensor
+        elif isinstance(obj, _ScriptObject) and id(obj) not in seen:
+            seen.add(id(obj))
+            pending.extend((f"{prefix}{name}.", value) for name, value in reversed(obj.state.items()))
+    return tensors
 
 
 def random_clip_state_dict(width: int = 768, layers: int = 12, patch_size: int = 16, image_size: int = 224,

@@ -19,6 +19,7 @@ Two checkpoint formats are read by `load_decoder`:
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import pickle
@@ -210,10 +211,10 @@ class Decoder(nn.Module):
         """Write `path` (.safetensors weights) and `<stem>.json` (config, format tag, version).
 
         Each file is written to a temporary name in the same folder and renamed into place, so a
-        crash never leaves a half-written file. Existing files are kept unless overwrite=True.
+        crash never leaves a half-written file. Existing files are kept unless overwrite=True. Both files
+        are determined by the weights and config alone (sorted keys, tensors in name order), so their
+        hashes identify a decoder.
         """
-        from safetensors.torch import save as safetensors_bytes
-
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"decoder weights must be saved to a .safetensors file, got {str(path)!r}")
@@ -223,10 +224,96 @@ class Decoder(nn.Module):
                 if target.exists():
                     raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
-        header = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config}
-        weights = safetensors_bytes(tensors, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
-        atomic_write(path, lambda f: f.write(weights), overwrite)
-        save_json(header, config_path, overwrite)
+        weights_header = _safetensors_header(tensors, {"format": FORMAT, "version": str(FORMAT_VERSION)})
+
+        def write_weights(f):
+            f.write(weights_header)
+            for name in sorted(tensors):
+                f.write(tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes())
+
+        atomic_write(path, write_weights, overwrite)
+        save_json({"format": FORMAT, "version": FORMAT_VERSION, "config": self.config}, config_path, overwrite,
+                  sort_keys=True)
+
+
+# safetensors' dtype codes; the header gives each tensor's dtype, shape and [begin, end) byte offsets.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ITEM_SIZES = {code: dtype.itemsize for dtype, code in _SAFETENSORS_DTYPES.items()}
+_MAX_HEADER = 100_000_000  # the limit the safetensors library itself enforces
+
+
+def _safetensors_header(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The bytes of a safetensors file before its data, for `tensors` laid out in sorted-name order.
+
+    The same tensors and metadata always give the same bytes (the safetensors library writes its
+    metadata in hash order, which differs between processes): JSON keys are sorted and the header
+    is padded with spaces to the format's 8-byte alignment.
+    """
+    header, offset = {"__metadata__": dict(metadata)}, 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name} has dtype {tensor.dtype}, which safetensors cannot store")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from a safetensors file's header, read without reading any tensor.
+
+    ValueError naming `path` unless the header is well formed and its tensors tile the data exactly
+    (each one's byte range matches its dtype and shape, no gaps or overlaps, nothing past the file's end).
+    """
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"decoder weights {path} are not a valid safetensors file: {reason}")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or not 2 <= length <= min(size - 8, _MAX_HEADER):
+            raise bad(f"a header of {length} bytes does not fit in a {size}-byte file")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise bad(f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    shapes, ranges = {}, []
+    for name, entry in header.items():
+        if not (isinstance(entry, dict) and entry.get("dtype") in _ITEM_SIZES
+                and _is_count_list(entry.get("shape")) and _is_count_list(entry.get("data_offsets"))
+                and len(entry["data_offsets"]) == 2):
+            raise bad(f"entry {name!r} is not {{dtype, shape, data_offsets}}")
+        begin, end = entry["data_offsets"]
+        if end - begin != math.prod(entry["shape"]) * _ITEM_SIZES[entry["dtype"]]:
+            raise bad(f"{name} has offsets {begin}..{end}, which do not hold a {entry['dtype']} "
+                      f"tensor of shape {tuple(entry['shape'])}")
+        shapes[name] = tuple(entry["shape"])
+        ranges.append((begin, end))
+    covered = 0
+    for begin, end in sorted(ranges):
+        if begin != covered:
+            raise bad(f"its tensors leave a gap or overlap at byte {min(begin, covered)} of the data")
+        covered = end
+    if covered != size - 8 - length:
+        raise bad(f"its tensors cover {covered} bytes of data but the file holds {size - 8 - length}")
+    return shapes
+
+
+def _is_count_list(value) -> bool:
+    """Whether `value` is a list of non-negative ints (JSON booleans excluded)."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 def feature_affinity(f_u: Tensor) -> Tensor:
@@ -275,11 +362,43 @@ def infer_config(state: Mapping[str, Tensor], heads: int = OFFICIAL_HEADS) -> di
                 layers=len(layers))
 
 
-def _build(config: Mapping, state: Mapping[str, Tensor], source: Path) -> Decoder:
-    """A Decoder of `config` holding `state`; key or shape mismatches raise a specific error."""
-    decoder = Decoder(**config)
-    expected = decoder.state_dict()
-    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+# Far above the official decoders (ViT-L/14: width 1024, 23 blocks, embed_dim 256), so that a config file
+# cannot make the loader build a decoder of many gigabytes before the weights are checked.
+_CONFIG_LIMITS = dict(width=4096, num_blocks=64, embed_dim=2048, num_classes=10000, heads=2048, layers=24)
+
+
+def _limited_config(config: Mapping, source: Path) -> dict:
+    """`config` with every value an int within _CONFIG_LIMITS, or ValueError naming `source`."""
+    limited = {}
+    for name in _CONFIG_KEYS:
+        value, limit = config[name], _CONFIG_LIMITS[name]
+        try:
+            limited[name] = checks.integer(name, value, 1, limit)
+        except OverflowError:  # checks.integer compares as a float, and a JSON integer can exceed float range
+            raise ValueError(f"{source}: decoder config: {name} must be 1..{limit}, got an integer of "
+                             f"{len(str(value))} digits") from None
+        except ValueError as exc:
+            raise ValueError(f"{source}: decoder config: {exc}") from None
+    return limited
+
+
+def _expected_shapes(config: Mapping, source: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name → shape of a Decoder(**config), built on the meta device so nothing is allocated;
+    ValueError naming `source` when config is outside _CONFIG_LIMITS or describes no decoder."""
+    config = _limited_config(config, source)
+    try:
+        with torch.device("meta"):
+            decoder = Decoder(**config)
+    except ValueError as exc:  # heads that do not divide embed_dim
+        raise ValueError(f"{source}: {exc}") from None
+    return {name: tuple(value.shape) for name, value in decoder.state_dict().items()}
+
+
+def _check_shapes(expected: Mapping[str, tuple[int, ...]], shapes: Mapping[str, tuple[int, ...]], config: Mapping,
+                  source: Path) -> None:
+    """ValueError naming `source` unless `shapes` has exactly the names and shapes in `expected`, the
+    parameters of a Decoder(**config)."""
+    missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
     if missing or unexpected:
         raise ValueError(
             f"{source}: decoder weights do not match a decoder with {dict(config)}: "
@@ -287,15 +406,24 @@ def _build(config: Mapping, state: Mapping[str, Tensor], source: Path) -> Decode
             + ("; " if missing and unexpected else "")
             + (f"unexpected {len(unexpected)} key(s): {_few(unexpected)}" if unexpected else "")
         )
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if state[k].shape != v.shape]
+    wrong = [f"{k} {shapes[k]} (expected {v})" for k, v in expected.items() if shapes[k] != v]
     if wrong:
         raise ValueError(f"{source}: decoder weights have wrong shapes: {_few(wrong, 3)}")
+
+
+def _build(config: Mapping, state: Mapping[str, Tensor], source: Path) -> Decoder:
+    """A Decoder of `config` holding `state`; limit, key or shape mismatches raise a specific error
+    before the decoder is allocated."""
+    shapes = {name: tuple(value.shape) for name, value in state.items()}
+    _check_shapes(_expected_shapes(config, source), shapes, config, source)
+    decoder = Decoder(**config)
     decoder.load_state_dict(state)
     return decoder
 
 
 def _load_project_format(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    """Config and tensors of a project-format decoder. The JSON config and the safetensors header are
+    checked against each other before any tensor is read, so a hostile pair costs no memory."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -307,7 +435,7 @@ def _load_project_format(path: Path) -> tuple[dict, dict[str, Tensor]]:
         )
     try:
         header = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"decoder config {config_path} is not valid JSON: {exc}") from exc
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"{config_path} is not an RFM decoder config (expected format {FORMAT!r})")
@@ -318,6 +446,8 @@ def _load_project_format(path: Path) -> tuple[dict, dict[str, Tensor]]:
     config = header.get("config")
     if not isinstance(config, dict) or set(config) != set(_CONFIG_KEYS):
         raise ValueError(f"{config_path}: 'config' must hold exactly {list(_CONFIG_KEYS)}, got {config!r}")
+    config = _limited_config(config, config_path)
+    _check_shapes(_expected_shapes(config, config_path), _safetensors_shapes(path), config, path)
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:

@@ -68,10 +68,11 @@ def exists_message(path: Path) -> str:
 
 
 def save_json(obj: Any, path: str | os.PathLike, overwrite: bool = False, indent: int | None = 2,
-              allow_nan: bool = True) -> Path:
+              allow_nan: bool = True, sort_keys: bool = False) -> Path:
     """Write ``obj`` as UTF-8 JSON through :func:`atomic_write`. ``allow_nan=False`` refuses NaN/inf
-    (strict JSON) instead of writing the non-standard ``NaN``."""
-    data = json.dumps(obj, indent=indent, allow_nan=allow_nan).encode("utf-8")
+    (strict JSON) instead of writing the non-standard ``NaN``; ``sort_keys`` makes the bytes independent of
+    insertion order."""
+    data = json.dumps(obj, indent=indent, allow_nan=allow_nan, sort_keys=sort_keys).encode("utf-8")
     return atomic_write(path, lambda f: f.write(data), overwrite)
 
 

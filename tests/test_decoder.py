@@ -3,12 +3,18 @@ I/O in the project format and in the official WeCLIP layout (REFERENCE §4.1, §
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from rfm.decoder import FORMAT, FORMAT_VERSION, Decoder, check_compatible, feature_affinity, load_decoder
 
@@ -372,3 +378,32 @@ def test_map_location_cuda(tmp_path):
         torch.testing.assert_close(logits.cpu(), decoder(tokens, (3, 4))[0], rtol=1e-4, atol=1e-4)
     torch.save(official_checkpoint(decoder), tmp_path / "d.pth")
     assert next(load_decoder(tmp_path / "d.pth", map_location="cuda").parameters()).is_cuda
+
+
+def test_saved_files_are_plain_safetensors_and_identical_across_processes(tmp_path):
+    """The safetensors library writes its metadata in hash order; Decoder.save writes the same bytes every time."""
+    script = ("import sys, torch; from rfm.decoder import Decoder; torch.manual_seed(0); "
+              f"Decoder(**{SMALL!r}).save(sys.argv[1])")
+    root = Path(__file__).resolve().parents[1]
+    digests = set()
+    for run in ("a", "b"):
+        path = tmp_path / run / "d.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=root, timeout=300)
+        digests.add(tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in (path, path.with_suffix(".json"))))
+    assert len(digests) == 1
+    torch.manual_seed(0)
+    expected = Decoder(**SMALL).state_dict()
+    weights = tmp_path / "a" / "d.safetensors"
+    torch.testing.assert_close(load_file(str(weights)), expected, rtol=0, atol=0)
+    with safe_open(str(weights), "pt") as f:
+        assert f.metadata() == {"format": FORMAT, "version": str(FORMAT_VERSION)}
+    text = weights.with_suffix(".json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True)
+
+    half = tmp_path / "bf16.safetensors"
+    make_decoder().to(torch.bfloat16).save(half)
+    loaded = load_file(str(half))
+    assert all(t.dtype == torch.bfloat16 for t in loaded.values())
+    torch.testing.assert_close(loaded, make_decoder().to(torch.bfloat16).state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(load_decoder(half).state_dict(),
+                               {k: v.float() for k, v in loaded.items()}, rtol=0, atol=0)
