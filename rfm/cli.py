@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_synth_parser(sub)
     _add_eval_parser(sub)
+    _add_sweep_parser(sub)
     return parser
 
 
@@ -409,6 +410,88 @@ def cmd_eval(args) -> int:
     return 0
 
 
+
+def _add_sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="score every setting of a parameter grid over a dataset, per stage",
+                       description="One CLIP pass per image, then every setting (the Cartesian product of the value "
+                                   "lists, or --grid FILE) scored per stage (initial, static, rfm, label) against the "
+                                   "ground truth, exactly as rfm export + rfm eval would score it. Rerunning resumes.")
+    _add_dataset_flags(p)
+    p.add_argument("--gt", metavar="DIR", help="ground-truth <stem>.png masks (default: --voc's SegmentationClass/)")
+    p.add_argument("--out", required=True, help="output folder")
+    g = p.add_argument_group("the grid (comma-separated values, a:b for integer ranges; unswept: rfm export's defaults)")
+    for name, example in (("alpha", "1,2,3"), ("n0", "5:9"), ("box-threshold", "0.3,0.4,0.5"),
+                          ("static-layers", "6,8"), ("distance", "abs,signed"), ("bg-power", "1,2"),
+                          ("par-iterations", "0,20")):
+        g.add_argument(f"--{name}", metavar="VALUES", help=f"e.g. {example}")
+    g.add_argument("--grid", metavar="FILE", help='JSON list of settings instead: [{"alpha": 2, "n0": 7}, …]')
+    p.add_argument("--overwrite", action="store_true", help="discard a sweep of other settings in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_model_flags(p)
+
+
+def cmd_sweep(args) -> int:
+    import rfm
+    from . import sweep
+    from .batch import init_distributed
+    from .fileio import file_sha256
+    from .params import official_params
+
+    vocab, samples = _dataset(args)
+    if args.gt:
+        from dataclasses import replace
+
+        samples = [replace(s, gt=Path(args.gt) / f"{s.stem}.png") for s in samples]
+    defaults = official_params(vocab.name)
+    if args.grid:
+        settings = sweep.read_grid(args.grid, defaults)
+    else:
+        values = {name: sweep.parse_values(name, getattr(args, name)) for name in sweep.SWEPT
+                  if getattr(args, name) is not None}
+        settings = sweep.settings_grid(values, defaults)
+    dist = init_distributed(args.device)
+    clip = rfm.load_clip(args.model, pretrained=args.clip, device=dist.device)
+    for setting in settings:
+        _check_flags_for(clip, rfm.RefineParams(**setting))
+    decoder = rfm.load_decoder(args.decoder) if args.decoder else None
+    predictor = rfm.Predictor(clip, vocabulary=vocab, decoder=decoder, device=dist.device, max_side=args.max_side)
+    num_classes = len(vocab) + 1
+    models = {"clip": file_sha256(_clip_file(args)), "decoder": file_sha256(_decoder_file(args)) if args.decoder else None,
+              "max_side": args.max_side, "vocab": vocab.class_names}
+    identity = sweep.sweep_identity(settings, samples, models, num_classes)
+    out = Path(args.out)
+    totals = sweep.run_sweep(samples, predictor, settings, out, num_classes, identity, dist, args.overwrite,
+                             progress=not args.no_progress)
+    if dist.rank != 0:
+        return 0
+    names = ("background", *vocab.class_names)
+    rows = sweep.sweep_rows(settings, totals, names)
+    best = sweep.best_rows(rows)
+    dataset = _dataset_argv(args)
+    model_args = [f"--clip {args.clip}", *([f"--decoder {args.decoder}"] if args.decoder else []),
+                  f"--max-side {args.max_side}", f"--vocab {args.vocab}"]
+    commands = {stage: sweep.export_command(row, stage, dataset, model_args) for stage, row in best.items()}
+    sweep.save_results(out, rows, best, commands)
+    for stage in best:
+        print(sweep.format_table(rows, stage), end="\n\n")
+    for stage, row in best.items():
+        print(f"best {stage}: mIoU {100 * row['miou']:.2f}% with " +
+              ", ".join(f"{k}={row[k]}" for k in sweep.SWEPT))
+    print(f"reproduce the best pseudo labels: {commands.get('label', '')}")
+    print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'} and the heatmaps")
+    return 0
+
+
+def _dataset_argv(args) -> list[str]:
+    """The dataset flags of this command, as they would be typed again."""
+    flags = [("--voc", args.voc), ("--split", args.split), ("--images", args.images), ("--labels", args.labels),
+             ("--coco", args.coco)]
+    argv = [f"{flag} {value}" for flag, value in flags if value]
+    if args.voc:
+        argv.append(f"--labels-from {args.labels_from}")
+    return argv
+
+
 def main(argv=None) -> int:
     # open_clip's tokenizer scripts a function at import; the deprecation notice is noise for users
     warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=FutureWarning)
@@ -417,7 +500,7 @@ def main(argv=None) -> int:
         _resolve_model_defaults(args)
     try:
         return {"run": cmd_run, "export": cmd_export, "train": cmd_train, "synth": cmd_synth,
-                "eval": cmd_eval}[args.command](args)
+                "eval": cmd_eval, "sweep": cmd_sweep}[args.command](args)
     except KeyboardInterrupt:
         print("rfm: interrupted", file=sys.stderr)
         return 130

@@ -541,3 +541,28 @@ def save_confusion_png(report: EvalReport, path: str | os.PathLike) -> Path:
     fig.savefig(buffer, format="png")
     data = buffer.getvalue()
     return atomic_write(path, lambda f: f.write(data), overwrite=True)
+
+
+def save_sweep_heatmap(grid: np.ndarray, rows: Sequence, cols: Sequence, title: str,
+                       path: str | os.PathLike) -> Path:
+    """An mIoU grid (rows × cols, in 0–1; NaN: not swept) as an annotated heatmap PNG, replacing ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(4.0, 0.7 * len(cols) + 2.5), max(3.0, 0.45 * len(rows) + 1.8)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(100 * grid, cmap="viridis", aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="mIoU %")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set_xlabel("α")
+    ax.set_ylabel("N0")
+    finite = grid[np.isfinite(grid)]
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            bright = finite.size and v > (finite.min() + finite.max()) / 2
+            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=8, color="black" if bright else "white")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path, overwrite=True)

@@ -15,7 +15,7 @@ LAYERS = [
     {"synthetic", "data", "export", "metrics", "text", "clip_model", "backbone", "refine", "par", "losses",
      "decoder", "cam", "viz", "demo"},
     {"pipeline"},
-    {"predictor", "train", "batch"},
+    {"predictor", "train", "batch", "sweep"},
     {"__init__"},  # the public API: `import rfm`
     {"session"},
     {"render"},
