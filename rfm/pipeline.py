@@ -133,23 +133,33 @@ class RefinedCams:
         return self.static if self.rfm is None else self.rfm
 
 
-def refine_stages(features: ImageFeatures, params: RefineParams, box_mask: torch.Tensor) -> RefinedCams:
+def refine_stages(features: ImageFeatures, params: RefineParams, box_mask: torch.Tensor,
+                  shared: dict | None = None) -> RefinedCams:
     """Static refinement (CLIP-ES) and RFM (WeCLIP Eq. 5–7) of the features' initial CAMs.
 
     box_mask (K, h, w): the B_c of each class. Uses features.aff_f; without it only the static one.
+    shared: a dict the caller keeps while refining the same features many times (a sweep): settings
+    with the same attention average (static_layers) or RFM layer choice (n0, distance) reuse its T₁.
     """
     params.check_blocks(features.num_blocks)
     attn, cams, aff_f = features.attn, features.cams, features.aff_f
+    shared = {} if shared is None else shared
     n_blocks = attn.shape[0]
-    static = rf.propagate_cams(rf.transition_base(rf.static_affinity(attn, params.static_layers)), cams, box_mask,
-                               params.alpha)
+    static_key = ("static", params.static_layers)
+    if static_key not in shared:
+        shared[static_key] = rf.transition_base(rf.static_affinity(attn, params.static_layers))
+    static = rf.propagate_cams(shared[static_key], cams, box_mask, params.alpha)
     if aff_f is None:
         return RefinedCams(static, None, torch.full((n_blocks,), float("nan")),
                            torch.zeros(n_blocks, dtype=torch.bool), False)
-    scores = rf.layer_scores(aff_f, attn, params.n0, params.distance)
-    keep = rf.layer_gates(scores, params.distance)
-    r, fallback = rf.rfm_affinity(aff_f, attn, keep, params.n0)
-    rfm = rf.propagate_cams(rf.transition_base(r), cams, box_mask, params.alpha)
+    rfm_key = ("rfm", params.n0, params.distance)
+    if rfm_key not in shared:
+        scores = rf.layer_scores(aff_f, attn, params.n0, params.distance)
+        keep = rf.layer_gates(scores, params.distance)
+        r, fallback = rf.rfm_affinity(aff_f, attn, keep, params.n0)
+        shared[rfm_key] = scores, keep, rf.transition_base(r), fallback
+    scores, keep, base, fallback = shared[rfm_key]
+    rfm = rf.propagate_cams(base, cams, box_mask, params.alpha)
     return RefinedCams(static, rfm, scores, keep, fallback)
 
 

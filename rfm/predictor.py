@@ -403,14 +403,18 @@ class Predictor:
 
     # ------------------------------------------------------------ stages 4–6
 
-    def refine(self, params: RefineParams | None = None) -> Result:
-        """Static refinement, RFM and PAR for the current image. Cheap: no CLIP forward."""
+    def refine(self, params: RefineParams | None = None, shared: dict | None = None) -> Result:
+        """Static refinement, RFM and PAR for the current image. Cheap: no CLIP forward.
+
+        shared: a dict kept by a caller that refines this image under many settings (``rfm sweep``);
+        settings then share their transition matrices. Start a new one for every image.
+        """
         params = params or RefineParams()
         features = self._require_image()
         with self._lock, torch.no_grad():
-            return self._refine(params, features)
+            return self._refine(params, features, shared)
 
-    def _refine(self, params: RefineParams, features: ImageFeatures) -> Result:
+    def _refine(self, params: RefineParams, features: ImageFeatures, shared: dict | None = None) -> Result:
         params.check_blocks(self.num_blocks)
         indices = list(features.class_indices)
         names = [self.vocabulary.class_names[i] for i in indices]
@@ -425,7 +429,7 @@ class Predictor:
         clip_mask = box_mask.clone()
         clip_mask[[k for k in range(len(indices)) if k not in user_boxes]] = True
 
-        stages = refine_stages(features, params, box_mask)
+        stages = refine_stages(features, params, box_mask, shared)
         cam_static = stages.static * clip_mask
         cam_rfm = None if stages.rfm is None else stages.rfm * clip_mask
         notes: list[str] = []

@@ -105,8 +105,9 @@ def image_confusions(predictor, settings: list[dict], gt: np.ndarray, num_classe
     and stage; a stage the predictor cannot make (RFM without a decoder) stays zero."""
     conf = np.zeros((len(settings), len(SWEEP_STAGES), num_classes, num_classes + 1), np.int64)
     initial_done: dict[float, np.ndarray] = {}  # the initial CAM depends on no setting but p
+    shared: dict = {}  # transition matrices of this image, shared by the settings that agree on them
     for i, setting in enumerate(settings):
-        result = predictor.refine(RefineParams(**setting))
+        result = predictor.refine(RefineParams(**setting), shared)
         for j, stage in enumerate(SWEEP_STAGES):
             if stage == "rfm" and result.patch.cam_rfm is None:
                 continue

@@ -125,3 +125,22 @@ def test_two_gloo_ranks_sum_to_the_one_rank_totals(voc_mini, weight_files, tmp_p
     assert len(list((two / "sweep.d").glob("rank-*.npz"))) == 2
     np.testing.assert_array_equal(_all_totals(two), _totals(one))
     assert (two / "sweep.csv").read_text() == (one / "sweep.csv").read_text()
+
+
+def test_settings_sharing_transition_matrices_refine_as_alone(small_clip, voc_mini):
+    import rfm
+    from rfm.decoder import Decoder
+
+    p = rfm.Predictor(small_clip, decoder=Decoder(width=128, num_blocks=3, embed_dim=32, heads=4, layers=1),
+                      device="cpu", max_side=128)
+    p.set_image(voc_mini / "JPEGImages" / "2008_004430.jpg", labels=["cat", "dog"])
+    shared: dict = {}
+    grid = settings_grid({"alpha": (1, 3), "n0": (2, 3), "static_layers": (2, 3), "distance": ("abs", "signed")},
+                         RefineParams(par_iterations=2))
+    for setting in grid:
+        together, alone = p.refine(RefineParams(**setting), shared), p.refine(RefineParams(**setting))
+        np.testing.assert_array_equal(together.patch.cam_static, alone.patch.cam_static)
+        np.testing.assert_array_equal(together.patch.cam_rfm, alone.patch.cam_rfm)
+        np.testing.assert_array_equal(together.layer_keep, alone.layer_keep)
+        np.testing.assert_array_equal(together.label, alone.label)
+    assert len(shared) == 2 + 2 * 2  # one T₁ per static_layers, one per (n0, distance)
