@@ -18,7 +18,7 @@ import numpy as np
 
 from . import viz
 from .demo import DEMO_WARNING
-from .session import STAGE_TITLES, Scores, Session
+from .session import STAGE_TITLES, Scores, Session, sweep_axes
 
 TILE_SIDE = 192  # layer gallery tiles (long side)
 ZOOM_SIDE = 320  # the enlarged layer and A_f, side by side at the same size
@@ -317,3 +317,24 @@ def replay_range(session: Session) -> dict[str, Any] | None:
     return dict(minimum=0, maximum=last, value=a.shown,
                 label=f"adaptation step (replay): 0 = before, then every {every} step(s), {last} = step "
                       f"{a.history[-1].step}, the adapted decoder")
+
+
+def sweep_view(session: Session, stage: str) -> tuple[np.ndarray | None, str]:
+    """The N0 × α heatmap of the tab's image sweep for one stage, and its caption (or what to do first)."""
+    sweep = session.current_sweep
+    if sweep is None:
+        return None, sweep_prompt(session.models.num_blocks)
+    best = sweep.best(stage)
+    title = f"{STAGE_TITLES.get(stage, stage)}: mIoU % on this image"
+    image = viz.sweep_heatmap(sweep.miou[stage], sweep.n0s, sweep.alphas, title, best)
+    if best is None:
+        return image, f"No {stage} scores (this stage needs a decoder)."
+    n0, alpha = sweep.n0s[best[0]], sweep.alphas[best[1]]
+    return image, (f"Best {stage}: {100 * sweep.miou[stage][best]:.1f} % mIoU at N0 = {n0}, α = {alpha} (outlined). "
+                   f"Click a cell to set the sliders to it.")
+
+
+def sweep_prompt(num_blocks: int) -> str:
+    n0s, alphas = sweep_axes(num_blocks)
+    return (f"Scores N0 {n0s[0]}..{n0s[-1]} × α {alphas[0]}..{alphas[-1]} ({len(n0s) * len(alphas)} settings) on "
+            f"this image against its ground-truth mask, the other knobs as set above.")

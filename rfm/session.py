@@ -13,6 +13,7 @@ change keeps the adapted decoder but clears its replay.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 import tempfile
@@ -330,6 +331,36 @@ def stage_scores(result: Result, gt: GroundTruth, class_name: str, vocabulary: V
     return Scores(class_name, iou, miou, names)
 
 
+# ---------------------------------------------------------------- sweeping one image
+
+SWEEP_STAGES = ("initial", "static", "rfm", "label")
+
+
+@dataclass(frozen=True)
+class ImageSweep:
+    """mIoU of every stage over an N0 × α grid on one image against its ground truth; the other knobs as they
+    were when it ran."""
+
+    upload: Upload  # the image it belongs to
+    n0s: tuple[int, ...]
+    alphas: tuple[int, ...]
+    miou: dict[str, np.ndarray]  # stage → (len(n0s), len(alphas)); NaN where a stage is missing
+    controls: Controls
+
+    def best(self, stage: str) -> tuple[int, int] | None:
+        """(row, column) of the highest mIoU of a stage (the first of equals), None if it has none."""
+        grid = self.miou[stage]
+        if not np.isfinite(grid).any():
+            return None
+        return np.unravel_index(np.nanargmax(grid), grid.shape)
+
+
+def sweep_axes(num_blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The grid of "sweep this image": N0 over the last six blocks (WeCLIP's candidates) and α over its slider."""
+    low, high = Controls.LIMITS["alpha"]
+    return tuple(range(max(1, num_blocks - 5), num_blocks + 1)), tuple(range(low, high + 1))
+
+
 # ---------------------------------------------------------------- adaptation
 
 
@@ -378,6 +409,7 @@ class Session:
         self.zoom_layer: int | None = None  # 1-based layer enlarged beside A_f
         self.gt: GroundTruth | None = None
         self.adaptation: Adaptation | None = None
+        self.image_sweep: ImageSweep | None = None
         self.notes: list[str] = []  # said once in the status line by the next render
         self.dataset_stems: set[tuple[str, str]] = set()  # (folder, stem) added: images, not writes
         self.view_cache: dict = {}  # what the renderer last produced, so unchanged views are not resent
@@ -533,6 +565,37 @@ class Session:
                 self.result = self.predictor.refine(params)
         except ValueError as err:
             raise UserMessage(f"⚠️ {err}") from None
+
+    def sweep_image(self, controls: Controls) -> ImageSweep:
+        """Score every (N0, α) of :func:`sweep_axes` on this image against its ground truth, every other knob
+        as ``controls`` has it; one CLIP pass (the cached one), settings sharing their transition matrices."""
+        controls, notes = controls.clamped(self.models.num_blocks)
+        self.notes.extend(notes)
+        if not self.is_ready or self.result is None:
+            raise UserMessage("Analyse an image with its classes first.")
+        if self.gt is None:
+            raise UserMessage("Give the image's ground-truth mask (the accordion on the left) to sweep against it.")
+        n0s, alphas = sweep_axes(self.models.num_blocks)
+        miou = {stage: np.full((len(n0s), len(alphas)), np.nan) for stage in SWEEP_STAGES}
+        shared: dict = {}
+        try:
+            with self.models.lock:
+                for (i, n0), (j, alpha) in itertools.product(enumerate(n0s), enumerate(alphas)):
+                    params = replace(controls, n0=n0, alpha=alpha).params(self.boxes)
+                    result = self.predictor.refine(params, shared)
+                    scores = stage_scores(result, self.gt, result.class_names[0], self.vocabulary)
+                    for stage in SWEEP_STAGES:
+                        miou[stage][i, j] = scores.miou[stage]
+        except ValueError as err:
+            raise UserMessage(f"⚠️ {err}") from None
+        self.image_sweep = ImageSweep(self.upload, n0s, alphas, miou, controls)
+        return self.image_sweep
+
+    @property
+    def current_sweep(self) -> ImageSweep | None:
+        """The last sweep, if it was of the image shown now."""
+        sweep = self.image_sweep
+        return sweep if sweep is not None and sweep.upload is self.upload else None
 
     def inspect(self, x: float | None, y: float | None) -> None:
         """What the patch under original image pixel (x, y) attends to, in every layer and in A_f."""

@@ -12,6 +12,7 @@ import atexit
 import html
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Sequence
@@ -22,9 +23,9 @@ from . import viz
 from .components import LenientSlider, OriginalFileAnnotator
 from .demo import DEMO_WARNING
 from .paths import ASSETS_DIR, SYNTHETIC_DIR
-from .render import Display, Views, loss_plot, render, replay_range
-from .session import (VOCABULARIES, Controls, Models, Session, UserMessage, close_session, map_classes,
-                      sample_classes, sample_mask, sample_paths, vocabulary_spec)
+from .render import Display, Views, loss_plot, render, replay_range, sweep_prompt, sweep_view
+from .session import (SWEEP_STAGES, VOCABULARIES, Controls, Models, Session, UserMessage, close_session,
+                      map_classes, sample_classes, sample_mask, sample_paths, vocabulary_spec)
 from .text import get_vocabulary
 
 log = logging.getLogger("rfm.ui")
@@ -282,6 +283,35 @@ class Studio:
             losses = loss_plot(session)
             return (session, *self._views(session, display, message), losses)
 
+    # ------------------------------------------------------------ sweeping this image
+
+    def sweep(self, session: Session | None, stage: str, controls: Controls):
+        """Score the N0 × α grid on this image against its ground truth; show one stage's heatmap."""
+        session = self.session(session)
+        with session.lock:
+            message = self._act(lambda: session.sweep_image(controls))
+            image, caption = sweep_view(session, stage)
+            return session, image, message or caption
+
+    def sweep_stage(self, session: Session | None, stage: str):
+        """Another stage's heatmap of the same sweep."""
+        session = self.session(session)
+        with session.lock:
+            return sweep_view(session, stage)
+
+    def pick_sweep_cell(self, session: Session | None, controls: Controls, display: Display, x: float, y: float):
+        """A click at (x, y) on the heatmap: its cell's N0 and α go to the sliders, and the views refine."""
+        session = self.session(session)
+        with session.lock:
+            sweep = session.current_sweep
+            cell = None if sweep is None else viz.sweep_cell_at(x, y, sweep.miou["label"].shape)
+            if cell is None:
+                return (session, *[gr.skip()] * (len(Views.names()) + len(controls.values())))
+            picked = replace(controls, n0=sweep.n0s[cell[0]], alpha=sweep.alphas[cell[1]])
+            message = self._act(lambda: session.refine(picked))
+            sliders = [picked.alpha, picked.n0] + [gr.skip()] * (len(controls.values()) - 2)
+            return (session, *self._views(session, display, message), *sliders)
+
     # ------------------------------------------------------------ exports
 
     def _export(self, session: Session | None, write: Callable[[Session], Path]):
@@ -434,6 +464,15 @@ def build_app(studio: Studio) -> gr.Blocks:
                                        elem_id="replay")
                     loss_image = gr.Image(label="Adaptation losses (the progress bar runs here)", format="png",
                                           interactive=False, height=200, buttons=[], elem_id="adapt-losses")
+                with gr.Accordion("Sweep this image — N0 × α against the ground truth", open=False,
+                                  elem_id="image-sweep"):
+                    with gr.Row(equal_height=True):
+                        sweep_stage = gr.Radio(list(SWEEP_STAGES), value="label", label="Stage shown", scale=3,
+                                               elem_id="sweep-stage")
+                        sweep_button = gr.Button("Sweep this image", variant="primary", scale=1, elem_id="sweep")
+                    sweep_caption = gr.Markdown(sweep_prompt(n_blocks), elem_id="sweep-caption")
+                    sweep_heatmap = gr.Image(show_label=False, format="png", interactive=False, buttons=[],
+                                             elem_id="sweep-heatmap")
                 with gr.Accordion("Export", open=True):
                     with gr.Row():
                         export_buttons = {name: gr.Button(text, elem_id=f"export-{name}") for name, text in (
@@ -493,6 +532,20 @@ def _wire(app: gr.Blocks, studio: Studio, ui: SimpleNamespace) -> None:
     # input, not change: the adapt handler setting the slider to its end must not replay what it just drew
     ui.replay.input(_with_knobs(studio.replay), [ui.session, ui.replay, *knobs],
                     [ui.session, *view_outputs, ui.loss_image], api_name="replay", **quiet)
+    def sweep_image(session, stage, *values):
+        return studio.sweep(session, stage, Controls(*values))
+
+    ui.sweep_button.click(sweep_image, [ui.session, ui.sweep_stage, *controls],
+                          [ui.session, ui.sweep_heatmap, ui.sweep_caption], api_name="sweep_image")
+    ui.sweep_stage.input(studio.sweep_stage, [ui.session, ui.sweep_stage], [ui.sweep_heatmap, ui.sweep_caption],
+                         **private)
+
+    def pick_sweep_cell(session, alpha, n0, static_layers, box_threshold, bg_power, par_iterations, distance,
+                        view_class, show_auto, evt: gr.SelectData):
+        knobs = Controls(alpha, n0, static_layers, box_threshold, bg_power, par_iterations, distance)
+        return studio.pick_sweep_cell(session, knobs, Display(view_class, show_auto), *evt.index)
+
+    ui.sweep_heatmap.select(pick_sweep_cell, [ui.session, *knobs], [ui.session, *view_outputs, *controls], **private)
     for name, button in ui.export_buttons.items():
         button.click(getattr(studio, f"export_{name}"), [ui.session], [ui.session, ui.download],
                      api_name=f"export_{name}")

@@ -14,6 +14,7 @@ Results are duck-typed: any object with ``class_names``, ``class_indices``,
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 from pathlib import Path
@@ -457,6 +458,50 @@ def loss_curve(losses: Sequence[tuple[int, float, float, float]], current: int |
     title = "loss per step" + ("" if current is None else f"; grey line: step {current} shown")
     cv2.putText(out, title, (x + 8, 15), _FONT, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
     return out
+
+
+# "sweep this image": cell size and margins of the heatmap, shared by the drawing and the click mapping
+SWEEP_CELL = (58, 26)  # (width, height) in pixels
+SWEEP_MARGIN = (40, 42)  # (left, top): N0 labels on the left, title and α labels above
+
+
+def sweep_heatmap(grid: np.ndarray, rows: Sequence[int], cols: Sequence[int], title: str,
+                  marked: tuple[int, int] | None = None) -> np.ndarray:
+    """An mIoU grid (rows N0 × columns α, values 0–1, NaN missing) as an RGB image: each cell coloured on
+    viridis between the grid's lowest and highest value and labelled in %, the ``marked`` cell outlined. OpenCV
+    only; :func:`sweep_cell_at` maps a click on it back to a cell."""
+    (cw, ch), (left, top) = SWEEP_CELL, SWEEP_MARGIN
+    out = np.full((top + ch * len(rows) + 8, left + cw * len(cols) + 8, 3), 255, np.uint8)
+    finite = grid[np.isfinite(grid)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    scaled = np.where(np.isfinite(grid), (grid - low) / max(high - low, 1e-12), 0)
+    colours = cv2.applyColorMap(np.round(255 * scaled).astype(np.uint8), cv2.COLORMAP_VIRIDIS)[..., ::-1]
+    cv2.putText(out, title, (4, 14), _FONT, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(out, "N0 \\ a", (2, top - 6), _FONT, 0.33, (90, 90, 90), 1, cv2.LINE_AA)
+    for j, alpha in enumerate(cols):
+        cv2.putText(out, f"a={alpha}", (left + j * cw + 14, top - 6), _FONT, 0.38, (0, 0, 0), 1, cv2.LINE_AA)
+    for i, n0 in enumerate(rows):
+        y = top + i * ch
+        cv2.putText(out, str(n0), (12, y + ch - 8), _FONT, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        for j in range(len(cols)):
+            x = left + j * cw
+            value = grid[i, j]
+            colour = tuple(int(c) for c in colours[i, j]) if np.isfinite(value) else (220, 220, 220)
+            cv2.rectangle(out, (x, y), (x + cw - 2, y + ch - 2), colour, -1)
+            text = "-" if not np.isfinite(value) else f"{100 * value:.1f}"
+            ink = (0, 0, 0) if np.isfinite(value) and scaled[i, j] > 0.6 else (255, 255, 255)
+            cv2.putText(out, text, (x + 12, y + ch - 9), _FONT, 0.4, ink, 1, cv2.LINE_AA)
+    if marked is not None:
+        x, y = left + marked[1] * cw, top + marked[0] * ch
+        cv2.rectangle(out, (x - 1, y - 1), (x + cw - 1, y + ch - 1), (230, 30, 30), 2)
+    return out
+
+
+def sweep_cell_at(x: float, y: float, shape: tuple[int, int]) -> tuple[int, int] | None:
+    """(row, column) of the :func:`sweep_heatmap` cell under pixel (x, y) of a grid of ``shape``, or None."""
+    (cw, ch), (left, top) = SWEEP_CELL, SWEEP_MARGIN
+    row, col = math.floor((y - top) / ch), math.floor((x - left) / cw)
+    return (row, col) if 0 <= row < shape[0] and 0 <= col < shape[1] else None
 
 
 def save_training_plot(rows: list[dict], path: Path) -> None:

@@ -945,3 +945,37 @@ def test_the_app_frees_tabs_on_unload_and_deletes_old_uploads(models):
               if getattr(fn.fn, "__name__", "") in ("open_tab", "close_tab")}
     assert events == {("open_tab", ("load",)), ("close_tab", ("unload",))}
     assert app.delete_cache == (3600, 86400)
+
+
+def test_sweeping_an_image_scores_its_grid_and_a_click_sets_the_sliders(models):
+    from rfm import viz
+    from rfm.session import sweep_axes
+
+    studio = Studio(models)
+    session, _, _ = analyse(studio, classes=("cat",))
+    _, image, caption = studio.sweep(session, "label", Controls())
+    assert image is None and "ground-truth mask" in caption  # nothing to score against yet
+    gt = np.zeros((300, 451), np.uint8)
+    gt[60:260, 100:380] = rfm.text.get_vocabulary("voc").index("cat") + 1
+    Image.fromarray(gt).save(mask_path := Path(session.folder) / "gt.png")
+    session, _, _ = analyse(studio, classes=("cat",), session=session, gt=str(mask_path))
+    controls = Controls(par_iterations=2)
+    _, image, caption = studio.sweep(session, "label", controls)
+    n0s, alphas = sweep_axes(models.num_blocks)
+    sweep = session.current_sweep
+    assert sweep.miou["label"].shape == (len(n0s), len(alphas)) and image.ndim == 3
+    # each cell is the live score the status shows once the sliders are there (computed independently)
+    for (i, n0), (j, alpha) in [((0, n0s[0]), (0, alphas[0])), ((len(n0s) - 1, n0s[-1]), (1, alphas[1]))]:
+        studio.refine(session, Controls(alpha=alpha, n0=n0, par_iterations=2), Display("cat"))
+        assert sweep.miou["label"][i, j] == pytest.approx(session.scores("cat").miou["label"])
+        assert sweep.miou["rfm"][i, j] == pytest.approx(session.scores("cat").miou["rfm"])
+    best = sweep.best("static")
+    assert caption.startswith("Best label:") and "Click a cell" in caption
+    # a click in the middle of cell (row 1, column 2) sets N0 and α to it and refines
+    (cw, ch), (left, top) = viz.SWEEP_CELL, viz.SWEEP_MARGIN
+    out = studio.pick_sweep_cell(session, controls, Display("cat"), left + 2.5 * cw, top + 1.5 * ch)
+    assert out[-7:-5] == (alphas[2], n0s[1]) and session.controls.alpha == alphas[2] and session.controls.n0 == n0s[1]
+    assert session.result.params.n0 == n0s[1]
+    outside = studio.pick_sweep_cell(session, controls, Display("cat"), 1, 1)
+    assert all(skipped(v) for v in outside[1:])  # a click on the labels changes nothing
+    assert studio.sweep_stage(session, "static")[1].startswith("Best static") and best is not None
