@@ -361,3 +361,31 @@ def test_generated_scene_brings_its_mask_and_live_iou(browser, servers):
         assert_no_error_badge(page, servers)
     finally:
         page.context.close()
+
+
+def test_sweeping_the_image_and_clicking_a_cell_sets_the_sliders(browser, servers):
+    from rfm import viz
+
+    page = open_page(browser, servers.get(["--clip", "synthetic"]))
+    try:
+        page.locator("#samples img").first.click()
+        for view in VIEWS:
+            wait_new_src(page, view, None)
+        wait_status(page, "IoU % vs ground truth")
+        page.locator("#image-sweep").get_by_text("Sweep this image — N0 × α").click()
+        page.locator("#sweep").click()
+        page.wait_for_function("document.querySelector('#sweep-caption').innerText.includes('Best label')")
+        heatmap = page.locator("#sweep-heatmap img")
+        natural = heatmap.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        shown = heatmap.bounding_box()
+        (cw, ch), (left, top) = viz.SWEEP_CELL, viz.SWEEP_MARGIN
+        static = src(page, "view-static")
+        # the cell of row 1 (N0 = 8 of 7..12), column 2 (α = 3)
+        heatmap.click(position={"x": (left + 2.5 * cw) * shown["width"] / natural[0],
+                                "y": (top + 1.5 * ch) * shown["height"] / natural[1]})
+        wait_new_src(page, "view-static", static)
+        assert page.locator("#alpha input[type=number]").input_value() == "3"
+        assert page.locator("#n0 input[type=number]").input_value() == "8"
+        assert_no_error_badge(page, servers)
+    finally:
+        page.context.close()
