@@ -224,14 +224,8 @@ class Decoder(nn.Module):
                 if target.exists():
                     raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
-        weights_header = _safetensors_header(tensors, {"format": FORMAT, "version": str(FORMAT_VERSION)})
-
-        def write_weights(f):
-            f.write(weights_header)
-            for name in sorted(tensors):
-                f.write(tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes())
-
-        atomic_write(path, write_weights, overwrite)
+        metadata = {"format": FORMAT, "version": str(FORMAT_VERSION)}
+        atomic_write(path, lambda f: f.writelines(safetensors_chunks(tensors, metadata)), overwrite)
         save_json({"format": FORMAT, "version": FORMAT_VERSION, "config": self.config}, config_path, overwrite,
                   sort_keys=True)
 
@@ -244,6 +238,14 @@ _SAFETENSORS_DTYPES = {
 }
 _ITEM_SIZES = {code: dtype.itemsize for dtype, code in _SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100_000_000  # the limit the safetensors library itself enforces
+
+
+def safetensors_chunks(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]):
+    """The bytes of a safetensors file of contiguous CPU ``tensors``, in pieces: the header, then each tensor's
+    data in sorted-name order. Always the same bytes for the same tensors and metadata."""
+    yield _safetensors_header(tensors, metadata)
+    for name in sorted(tensors):
+        yield tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _safetensors_header(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:

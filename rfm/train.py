@@ -35,7 +35,7 @@ import torch
 from .backbone import FrozenClip, network_size, resize_image
 from .constants import STAGES
 from .data import Sample, load_image
-from .decoder import Decoder
+from .decoder import Decoder, safetensors_chunks
 from .fileio import atomic_write, remove_temporaries, save_json
 from .losses import make_optimizer, poly_warmup_lr
 from .params import RefineParams, TrainConfig
@@ -159,10 +159,12 @@ class FeatureCache:
 
 
 def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a state_dict's names, dtypes, shapes and values (its safetensors bytes)."""
-    from safetensors.torch import save
-
-    return hashlib.sha256(save(weights)).hexdigest()
+    """SHA-256 of a state_dict's names, dtypes, shapes and values: its bytes as a safetensors file, laid out
+    the same in every process (the check runs in another process than the save)."""
+    digest = hashlib.sha256()
+    for chunk in safetensors_chunks(weights, {}):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _checkpoint_bytes(step: int, decoder: Decoder, optimizer, config: TrainConfig, params: RefineParams,
