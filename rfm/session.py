@@ -26,6 +26,7 @@ import numpy as np
 
 from . import export, metrics, viz
 from .backbone import ClipWeightsNotFound, load_clip
+from .constants import STAGES
 from .data import ImageError, read_image, xml_labels
 from .decoder import load_decoder
 from .demo import demo_models
@@ -333,26 +334,18 @@ def stage_scores(result: Result, gt: GroundTruth, class_name: str, vocabulary: V
 
 # ---------------------------------------------------------------- sweeping one image
 
-SWEEP_STAGES = ("initial", "static", "rfm", "label")
-
-
 @dataclass(frozen=True)
 class ImageSweep:
-    """mIoU of every stage over an N0 × α grid on one image against its ground truth; the other knobs as they
-    were when it ran."""
+    """mIoU of every stage over an N0 × α grid on one image against its ground truth."""
 
     upload: Upload  # the image it belongs to
     n0s: tuple[int, ...]
     alphas: tuple[int, ...]
     miou: dict[str, np.ndarray]  # stage → (len(n0s), len(alphas)); NaN where a stage is missing
-    controls: Controls
 
     def best(self, stage: str) -> tuple[int, int] | None:
         """(row, column) of the highest mIoU of a stage (the first of equals), None if it has none."""
-        grid = self.miou[stage]
-        if not np.isfinite(grid).any():
-            return None
-        return np.unravel_index(np.nanargmax(grid), grid.shape)
+        return viz.best_cell(self.miou[stage])
 
 
 def sweep_axes(num_blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -576,7 +569,7 @@ class Session:
         if self.gt is None:
             raise UserMessage("Give the image's ground-truth mask (the accordion on the left) to sweep against it.")
         n0s, alphas = sweep_axes(self.models.num_blocks)
-        miou = {stage: np.full((len(n0s), len(alphas)), np.nan) for stage in SWEEP_STAGES}
+        miou = {stage: np.full((len(n0s), len(alphas)), np.nan) for stage in STAGES}
         shared: dict = {}
         try:
             with self.models.lock:
@@ -584,11 +577,11 @@ class Session:
                     params = replace(controls, n0=n0, alpha=alpha).params(self.boxes)
                     result = self.predictor.refine(params, shared)
                     scores = stage_scores(result, self.gt, result.class_names[0], self.vocabulary)
-                    for stage in SWEEP_STAGES:
+                    for stage in STAGES:
                         miou[stage][i, j] = scores.miou[stage]
         except ValueError as err:
             raise UserMessage(f"⚠️ {err}") from None
-        self.image_sweep = ImageSweep(self.upload, n0s, alphas, miou, controls)
+        self.image_sweep = ImageSweep(self.upload, n0s, alphas, miou)
         return self.image_sweep
 
     @property

@@ -21,10 +21,11 @@ import gradio as gr
 
 from . import viz
 from .components import LenientSlider, OriginalFileAnnotator
+from .constants import STAGES
 from .demo import DEMO_WARNING
 from .paths import ASSETS_DIR, SYNTHETIC_DIR
 from .render import Display, Views, loss_plot, render, replay_range, sweep_prompt, sweep_view
-from .session import (SWEEP_STAGES, VOCABULARIES, Controls, Models, Session, UserMessage, close_session,
+from .session import (VOCABULARIES, Controls, Models, Session, UserMessage, close_session,
                       map_classes, sample_classes, sample_mask, sample_paths, vocabulary_spec)
 from .text import get_vocabulary
 
@@ -467,7 +468,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 with gr.Accordion("Sweep this image — N0 × α against the ground truth", open=False,
                                   elem_id="image-sweep"):
                     with gr.Row(equal_height=True):
-                        sweep_stage = gr.Radio(list(SWEEP_STAGES), value="label", label="Stage shown", scale=3,
+                        sweep_stage = gr.Radio(list(STAGES), value="label", label="Stage shown", scale=3,
                                                elem_id="sweep-stage")
                         sweep_button = gr.Button("Sweep this image", variant="primary", scale=1, elem_id="sweep")
                     sweep_caption = gr.Markdown(sweep_prompt(n_blocks), elem_id="sweep-caption")

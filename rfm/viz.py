@@ -497,6 +497,11 @@ def sweep_heatmap(grid: np.ndarray, rows: Sequence[int], cols: Sequence[int], ti
     return out
 
 
+def best_cell(grid: np.ndarray) -> tuple[int, int] | None:
+    """(row, column) of a grid's highest value (the first of equals, NaN ignored); None if it has none."""
+    return np.unravel_index(np.nanargmax(grid), grid.shape) if np.isfinite(grid).any() else None
+
+
 def sweep_cell_at(x: float, y: float, shape: tuple[int, int]) -> tuple[int, int] | None:
     """(row, column) of the :func:`sweep_heatmap` cell under pixel (x, y) of a grid of ``shape``, or None."""
     (cw, ch), (left, top) = SWEEP_CELL, SWEEP_MARGIN
@@ -588,26 +593,7 @@ def save_confusion_png(report: EvalReport, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: f.write(data), overwrite=True)
 
 
-def save_sweep_heatmap(grid: np.ndarray, rows: Sequence, cols: Sequence, title: str,
+def save_sweep_heatmap(grid: np.ndarray, rows: Sequence[int], cols: Sequence[int], title: str,
                        path: str | os.PathLike) -> Path:
-    """An mIoU grid (rows × cols, in 0–1; NaN: not swept) as an annotated heatmap PNG, replacing ``path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(4.0, 0.7 * len(cols) + 2.5), max(3.0, 0.45 * len(rows) + 1.8)), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    im = ax.imshow(100 * grid, cmap="viridis", aspect="auto", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="mIoU %")
-    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
-    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
-    ax.set_xlabel("α")
-    ax.set_ylabel("N0")
-    finite = grid[np.isfinite(grid)]
-    for (i, j), v in np.ndenumerate(grid):
-        if np.isfinite(v):
-            bright = finite.size and v > (finite.min() + finite.max()) / 2
-            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=8, color="black" if bright else "white")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, path, overwrite=True)
+    """:func:`sweep_heatmap` with its best cell outlined, as a PNG replacing ``path``."""
+    return _save_rgb_png(Path(path), sweep_heatmap(grid, rows, cols, title, best_cell(grid)), overwrite=True)

@@ -13,7 +13,8 @@ import pytest
 
 from rfm.cli import main
 from rfm.metrics import evaluate_folder
-from rfm.sweep import SWEEP_STAGES, parse_values, settings_grid
+from rfm.constants import STAGES
+from rfm.sweep import parse_values, settings_grid
 from rfm.params import RefineParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +61,11 @@ def test_sweep_scores_exactly_what_export_and_eval_score(voc_mini, weight_files,
     printed = capsys.readouterr().out
     assert "rfm: mIoU % over N0 (rows) × α (columns)" in printed and "reproduce the best pseudo labels" in printed
     rows = json.loads((out / "sweep.json").read_text())["rows"]
-    assert len(rows) == 8 * 4 and {r["stage"] for r in rows} == set(SWEEP_STAGES)
+    assert len(rows) == 8 * 4 and {r["stage"] for r in rows} == set(STAGES)
     header = (out / "sweep.csv").read_text().splitlines()[0].split(",")
     assert header[:10] == ["alpha", "n0", "box_threshold", "static_layers", "distance", "bg_power", "par_iterations",
                            "stage", "miou", "iou_background"]
-    assert all((out / f"heatmap_{stage}.png").read_bytes()[:4] == b"\x89PNG" for stage in SWEEP_STAGES)
+    assert all((out / f"heatmap_{stage}.png").read_bytes()[:4] == b"\x89PNG" for stage in STAGES)
     totals = _totals(out)
     settings = json.loads((out / "sweep.json").read_text())["rows"][::4]
     for index in (0, 5):  # two settings: (α 1, N0 2, p 1) and (α 2, N0 2, p 2)
@@ -77,9 +78,9 @@ def test_sweep_scores_exactly_what_export_and_eval_score(voc_mini, weight_files,
                          "--workers", "0", "--format", "png,npy", "--cam-stage", stage, *flags]) == 0
             cams = evaluate_folder(pl / "cams", voc_mini / "SegmentationClass", bg_powers=[s["bg_power"]],
                                    progress=False)
-            np.testing.assert_array_equal(totals[index, SWEEP_STAGES.index(stage)], cams.confusion)
+            np.testing.assert_array_equal(totals[index, STAGES.index(stage)], cams.confusion)
         label = evaluate_folder(pl / "SegmentationClass", voc_mini / "SegmentationClass", progress=False)
-        np.testing.assert_array_equal(totals[index, SWEEP_STAGES.index("label")], label.confusion)
+        np.testing.assert_array_equal(totals[index, STAGES.index("label")], label.confusion)
         assert rows[4 * index + 3]["miou"] == pytest.approx(label.miou)
 
 
