@@ -76,6 +76,19 @@ def save_json(obj: Any, path: str | os.PathLike, overwrite: bool = False, indent
     return atomic_write(path, lambda f: f.write(data), overwrite)
 
 
+def save_csv(rows: list[dict], fields: list[str], path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``rows`` as a CSV with the header ``fields`` (a missing field is empty) through :func:`atomic_write`."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    data = text.getvalue().encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data), overwrite)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .constants import STAGES
 from .data import Sample, read_image
-from .fileio import atomic_write, save_json
+from .fileio import atomic_write, save_csv, save_json
 from .metrics import confusion_matrix, iou_per_class, labels_from_cams, mean_iou, read_label_png
 from .params import RefineParams
 
@@ -237,20 +237,10 @@ def export_command(setting: dict, stage: str, dataset_args: Sequence[str], model
 
 def save_results(out: Path, rows: list[dict], best: dict[str, dict], commands: dict[str, str]) -> list[Path]:
     """sweep.csv, sweep.json and one N0 × α heatmap per stage."""
-    import csv
-
     from .viz import save_sweep_heatmap
 
     fields = [*SWEPT, "stage", "miou", *[k for k in rows[0] if k.startswith("iou_")]] if rows else []
-
-    def write_csv(f):
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        f.write(text.getvalue().encode())
-
-    written = [atomic_write(out / "sweep.csv", write_csv, overwrite=True),
+    written = [save_csv(rows, fields, out / "sweep.csv", overwrite=True),
                save_json({"rows": rows, "best": best, "export_commands": commands}, out / "sweep.json",
                          overwrite=True)]
     for stage in dict.fromkeys(r["stage"] for r in rows):

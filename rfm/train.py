@@ -19,7 +19,6 @@ atomically; decoder.safetensors/.json, log.csv and losses.png are written from i
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -36,7 +35,7 @@ from .backbone import FrozenClip, network_size, resize_image
 from .constants import STAGES
 from .data import Sample, load_image
 from .decoder import Decoder, safetensors_chunks
-from .fileio import atomic_write, remove_temporaries, save_json
+from .fileio import atomic_write, remove_temporaries, save_csv, save_json
 from .losses import make_optimizer, poly_warmup_lr
 from .params import RefineParams, TrainConfig
 from .pipeline import ImageFeatures, decoder_step, encode_image
@@ -310,15 +309,7 @@ def _publish(out: Path, decoder: Decoder, rows: list[dict]) -> None:
     """decoder.safetensors + .json (for --decoder), log.csv and losses.png of the committed checkpoint."""
     decoder.save(out / "decoder.safetensors", overwrite=True)
     fields = list(LOG_FIELDS) + sorted({k for r in rows for k in r} - set(LOG_FIELDS))
-
-    def write_csv(f):
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        f.write(text.getvalue().encode())
-
-    atomic_write(out / "log.csv", write_csv, overwrite=True)
+    save_csv(rows, fields, out / "log.csv", overwrite=True)
     save_training_plot(rows, out / "losses.png")
 
 
