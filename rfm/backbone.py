@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import checks
 from .clip_model import CLIPModel, ClipConfig, random_clip_model
 from .clip_model import build_clip_model as build_clip  # OpenAI-format state dict → float32 CLIPModel
 from .constants import CLIP_MEAN, CLIP_STD
@@ -351,18 +352,13 @@ def _identity(x, *args):
     return x
 
 
-def _is_count(value) -> bool:
-    """Whether ``value`` is a non-negative int (bool excluded: the pickle may say True for 1)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _rebuild_tensor(storage, offset, size, stride, *rest) -> _PickledTensor:
     """torch._utils._rebuild_tensor_v2 for a restricted unpickler: the view is checked to lie inside its
     storage before it is made, because ``Tensor.set_`` would grow the storage to fit instead of failing."""
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError(f"a tensor is built on {type(storage).__name__}, not on a storage")
-    if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
-            and all(map(_is_count, size + stride))):
+    if not (checks.is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) and all(map(checks.is_count, size + stride))):
         raise pickle.UnpicklingError(f"a tensor has a malformed view: offset {offset!r}, size {size!r}, "
                                      f"stride {stride!r}")
     if 0 not in size:
@@ -417,7 +413,7 @@ class _TorchScriptUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
         _, dtype, key, _location, numel = pid
-        if not (isinstance(dtype, torch.dtype) and isinstance(key, str) and _is_count(numel)):
+        if not (isinstance(dtype, torch.dtype) and isinstance(key, str) and checks.is_count(numel)):
             raise pickle.UnpicklingError(f"malformed storage reference {pid!r:.80}")
         name = f"{self.root}/data/{key}"
         info = _stored_entry(self.zf, name, self.archive_size)

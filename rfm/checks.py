@@ -24,6 +24,12 @@ def integer(name: str, value, minimum: int | None = None, maximum: int | None = 
     return value
 
 
+def is_count(value) -> bool:
+    """Whether ``value`` is a non-negative int, as a file's sizes and offsets must be (a bool is not: a pickle
+    or JSON may say True for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def positive(name: str, value) -> float:
     """A finite number > 0 as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:

@@ -314,8 +314,7 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def _is_count_list(value) -> bool:
     """Whether `value` is a list of non-negative ints (JSON booleans excluded)."""
-    return isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    return isinstance(value, list) and all(map(checks.is_count, value))
 
 
 def feature_affinity(f_u: Tensor) -> Tensor:
