@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import checks
 from .constants import CAM_STAGES
 from .data import ImageFile, Sample, read_image
-from .export import coco_document, label_to_coco, save_cams_npy, save_coco_json, save_label_png
+from .export import Rows, coco_document, label_to_coco, save_cams_npy, save_coco_json, save_label_png
 from .fileio import file_sha256, remove_temporaries, save_json
 from .params import RefineParams
 from .predictor import Predictor
@@ -361,6 +361,8 @@ def _export_one(index: int, sample: Sample, file: ImageFile, predictor: Predicto
     written: list[Path] = []
     record: dict = {"stem": sample.stem, "outputs": {}}
     label = result.label_rows(options.confidence)
+    if "coco" in options.formats:
+        label = Rows.of(label.whole())  # COCO needs the whole label anyway: make it once for both writers
     if "png" in options.formats:
         written.append(save_label_png(label, out / "SegmentationClass" / f"{sample.stem}.png", overwrite=True))
     if "npy" in options.formats:
